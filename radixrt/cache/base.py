@@ -1,0 +1,131 @@
+"""The prefix-cache interface the scheduler programs against.
+
+Two implementations: `RadixCache` (radix_tree.py) shares KV pages between requests whose
+token ids start the same way; `NoPrefixCache` (here) keeps nothing, for
+`disable_radix_cache=True`. The engine calls the same methods either way:
+
+    m = cache.match_prefix(ids)          # reuse m.pages for the first m.num_tokens tokens
+    cache.lock(m.node)                   # while the request runs, its prefix stays cached
+    ...allocate pages for the rest, prefill, decode...
+    n = cache.insert(ids, pages)         # on finish: hand the pages to the cache
+    allocator.free(pages[len(m.pages) : n // page_size])   # duplicates, see insert()
+    cache.unlock(m.node)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from radixrt.cache.page_pool import PageAllocator
+
+
+@dataclass
+class MatchResult:
+    node: object  # opaque handle for lock/unlock: the deepest matched node (a root when nothing matched)
+    pages: list[int]  # page ids of the cached prefix, in order
+    num_tokens: int  # == len(pages) * page_size
+
+
+@dataclass
+class CacheStats:
+    cached_tokens: int = 0
+    evictable_tokens: int = 0  # cached and unlocked: evict() can free them
+    protected_tokens: int = 0  # cached and locked by a running request
+    cached_pages: int = 0
+    hit_tokens: int = 0  # over recorded match_prefix calls
+    query_tokens: int = 0
+    hit_rate: float = 0.0  # hit_tokens / query_tokens
+    evicted_tokens: int = 0
+    num_nodes: int = 0
+
+
+class PrefixCache(ABC):
+    page_size: int
+    enabled: bool = True  # False: the engine skips work that only feeds a cache
+
+    @abstractmethod
+    def match_prefix(self, token_ids: Sequence[int], salt: str | None = None, record: bool = True) -> MatchResult:
+        """The longest cached prefix of token_ids, in whole pages (a trailing partial page never matches).
+
+        Only requests with the same `salt` share pages. `record=False` peeks without counting
+        the call in the hit statistics (the scheduler ranks waiting requests this way).
+        """
+
+    @abstractmethod
+    def insert(self, token_ids: Sequence[int], pages: Sequence[int], salt: str | None = None) -> int:
+        """Cache token_ids (whole pages: len(token_ids) == len(pages) * page_size); return how
+        many leading tokens were already cached. The cache takes ownership of
+        pages[already // page_size:]; the caller frees its own duplicates before that point."""
+
+    @abstractmethod
+    def lock(self, node: object) -> None:
+        """Protect node and its ancestors from eviction (one lock reference each)."""
+
+    @abstractmethod
+    def unlock(self, node: object) -> None:
+        """Drop the reference lock() took; unlocking more than locking raises."""
+
+    @abstractmethod
+    def evict(self, num_pages: int) -> int:
+        """Free at least num_pages unlocked pages if there are that many; return pages freed."""
+
+    @abstractmethod
+    def flush(self) -> bool:
+        """Drop everything if nothing is locked (True); otherwise change nothing (False)."""
+
+    @abstractmethod
+    def stats(self) -> CacheStats: ...
+
+    @property
+    @abstractmethod
+    def evictable_pages(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def protected_pages(self) -> int: ...
+
+
+class NoPrefixCache(PrefixCache):
+    """A cache that keeps nothing: match finds nothing, insert frees the pages at once."""
+
+    enabled = False
+
+    _ROOT = object()
+
+    def __init__(self, page_size: int, allocator: PageAllocator) -> None:
+        self.page_size = page_size
+        self.allocator = allocator
+
+    def match_prefix(self, token_ids: Sequence[int], salt: str | None = None, record: bool = True) -> MatchResult:
+        return MatchResult(node=self._ROOT, pages=[], num_tokens=0)
+
+    def insert(self, token_ids: Sequence[int], pages: Sequence[int], salt: str | None = None) -> int:
+        if len(token_ids) != len(pages) * self.page_size:
+            raise ValueError(f"{len(token_ids)} tokens do not fill {len(pages)} pages of {self.page_size}")
+        self.allocator.free(pages)  # nothing was cached, so every page is ours to free
+        return 0
+
+    def lock(self, node: object) -> None:
+        pass
+
+    def unlock(self, node: object) -> None:
+        pass
+
+    def evict(self, num_pages: int) -> int:
+        return 0
+
+    def flush(self) -> bool:
+        return True
+
+    def stats(self) -> CacheStats:
+        return CacheStats()
+
+    @property
+    def evictable_pages(self) -> int:
+        return 0
+
+    @property
+    def protected_pages(self) -> int:
+        return 0

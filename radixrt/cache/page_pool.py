@@ -1,0 +1,90 @@
+"""The KV page pool: every layer's K and V live in fixed-size pages from one budget.
+
+Memory layout (per layer, "NHD" as flashinfer calls it)::
+
+    k[layer]: [num_pages, page_size, num_kv_heads, head_dim]
+               page 0          page 1                    page P-1
+              +-----------+  +-----------+            +-----------+
+              | t0 .. t15 |  | t0 .. t15 |    ...     | t0 .. t15 |
+              +-----------+  +-----------+            +-----------+
+
+A request owns a list of page ids (its page table). Token i of the request lives in page
+`page_table[i // page_size]` at offset `i % page_size`, i.e. at flat slot
+`page_table[i // page_size] * page_size + i % page_size` of `k[layer].view(-1, H, D)`.
+Pages are handed out by `PageAllocator`; nothing is reserved up front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from radixrt.model.config import ModelConfig
+
+
+class PageAllocator:
+    """A free list of page ids. Freeing a page twice is a bug and raises."""
+
+    def __init__(self, num_pages: int) -> None:
+        if num_pages <= 0:
+            raise ValueError(f"the KV pool needs at least one page (got {num_pages})")
+        self.num_pages = num_pages
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        self._is_free = bytearray(b"\x01") * num_pages
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int] | None:
+        """Take n pages, or None (taking nothing) when fewer than n are free."""
+        if n > len(self._free):
+            return None
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self._is_free[p] = 0
+        return pages
+
+    def free(self, pages: Iterable[int]) -> None:
+        for p in pages:
+            if self._is_free[p]:
+                raise RuntimeError(f"page {p} freed twice")
+            self._is_free[p] = 1
+            self._free.append(p)
+
+
+class KVPool:
+    """Per-layer K/V page storage plus the allocator that hands out its pages."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_pages: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.dtype = dtype
+        shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.allocator = PageAllocator(num_pages)
+
+    @staticmethod
+    def pages_for_budget(config: ModelConfig, memory_bytes: int, page_size: int, dtype: torch.dtype) -> int:
+        """How many pages fit in `memory_bytes` of K+V storage."""
+        per_page = config.kv_bytes_per_token(torch.finfo(dtype).bits // 8) * page_size
+        return max(1, memory_bytes // per_page)
+
+    def flat_k(self, layer: int) -> torch.Tensor:
+        """Layer K as [num_pages * page_size, kv_heads, head_dim]: one row per slot."""
+        return self.k[layer].view(-1, *self.k[layer].shape[2:])
+
+    def flat_v(self, layer: int) -> torch.Tensor:
+        return self.v[layer].view(-1, *self.v[layer].shape[2:])
+
+    def num_pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)

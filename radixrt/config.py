@@ -1,0 +1,62 @@
+"""EngineConfig: every knob of the runtime in one validated dataclass (CLI flags map onto it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+POLICIES = ("lpm", "dfs-weight", "fcfs")
+ATTENTION_BACKENDS = ("auto", "torch", "native", "flashinfer")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the default SmolLM2-135M-Instruct GGUF
+    dtype: str = "float32"
+    device: str = "cpu"
+    page_size: int = 16
+    kv_memory_gb: float = 1.0  # K+V page pool budget
+    max_running_requests: int = 64
+    chunked_prefill_size: int = 512  # prefill tokens per step (decode tokens ride along)
+    max_context_len: int | None = None  # default: the model's max_position_embeddings
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+    starvation_timeout_s: float = 10.0  # a waiting request older than this jumps the policy order
+    attention_backend: str = "auto"
+    grammar_backend: str = "llguidance"
+    num_threads: int | None = None  # torch intra-op threads in the worker; None: torch's default
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 1 (got {self.page_size})")
+        if self.kv_memory_gb <= 0:
+            raise ValueError(f"kv_memory_gb must be > 0 (got {self.kv_memory_gb})")
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be >= 1 (got {self.max_running_requests})")
+        if self.chunked_prefill_size < self.page_size:
+            raise ValueError(f"chunked_prefill_size must be >= page_size (got {self.chunked_prefill_size})")
+        if self.schedule_policy not in POLICIES:
+            raise ValueError(f"schedule_policy must be one of {', '.join(POLICIES)} (got {self.schedule_policy!r})")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)} (got {self.attention_backend!r})"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """Build from keyword arguments, naming any unknown one."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown engine option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**kwargs)

@@ -1,0 +1,118 @@
+"""outlines-core (regex -> DFA -> a precomputed state x token index; Rust). `pip install outlines-core`.
+
+Everything becomes a regex: JSON schemas through outlines' own schema-to-regex translation
+(recursion is unrolled to a fixed depth), so compile time and memory grow with the DFA, and
+EBNF (not regular) is refused. The vocabulary is built from the local tokenizer's bytes:
+`Vocabulary.from_pretrained` would reach for the model hub.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+
+from .base import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, _bit, parse_choices, parse_schema
+from .features import check_schema
+from .vocab import decode_complete_utf8, token_bytes
+
+try:
+    import outlines_core as oc
+    from outlines_core.json_schema import build_regex_from_schema
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("the outlines grammar backend needs outlines-core: pip install outlines-core") from exc
+
+_MAX_ROLLBACK = 512  # states remembered per request for rollback
+_MAX_JUMP_BYTES = 1024
+_REGEX_META = set("\\.+*?()|[]{}^$#&-~")
+
+
+class OutlinesMatcher(GrammarMatcher):
+    def __init__(self, compiled: "_Compiled", guide: "oc.Guide", stop_token_ids: Sequence[int], vocab_size: int) -> None:
+        super().__init__(stop_token_ids, vocab_size)
+        self._c = compiled
+        self._guide = guide
+
+    def _fill(self, bitmask: torch.Tensor, row: int) -> None:
+        words = bitmask[row]
+        assert words.is_contiguous() and words.device.type == "cpu" and words.dtype == torch.int32
+        self._guide.write_mask_into(words.data_ptr(), words.numel(), 4)
+        if len(self._stop_ids) > 1 and self._guide.is_finished():  # outlines knows one EOS only
+            for t in self._stop_ids[1:]:
+                words[t // 32] |= _bit(t % 32)
+
+    def _accept(self, token_id: int) -> bool:
+        try:
+            self._guide.advance(token_id, return_tokens=False)
+            return True
+        except ValueError:  # no transition: the state is unchanged
+            return False
+
+    def _rollback(self, num_tokens: int) -> None:
+        self._guide.rollback_state(num_tokens)
+
+    def _is_accepting(self) -> bool:
+        return self._guide.is_finished()
+
+    def _copy(self) -> "OutlinesMatcher":
+        return OutlinesMatcher(self._c, copy.copy(self._guide), self._stop_ids, self._vocab_size)
+
+    def _jump_forward(self) -> str:
+        """Follow the DFA while exactly one byte can come next.
+
+        If a token starting with byte b is allowed, the one-byte token b is allowed too (its
+        state lies on the longer token's path), so probing the 256 one-byte tokens is enough.
+        """
+        singles, index = self._c.single_byte_tokens, self._c.index
+        if singles is None:
+            return ""
+        state, out = self._guide.get_state(), bytearray()
+        while len(out) < _MAX_JUMP_BYTES and not index.is_final_state(state):
+            nexts = [(b, s) for b, t in enumerate(singles) if (s := index.get_next_state(state, t)) is not None]
+            if len(nexts) != 1:
+                break
+            out.append(nexts[0][0])
+            state = nexts[0][1]
+        return decode_complete_utf8(bytes(out))
+
+
+class _Compiled:
+    def __init__(self, index: "oc.Index", single_byte_tokens: list[int] | None) -> None:
+        self.index = index
+        self.single_byte_tokens = single_byte_tokens
+
+
+class OutlinesBackend(GrammarBackend):
+    name = "outlines"
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int] | None = None) -> None:
+        super().__init__(tokenizer, vocab_size, stop_token_ids)
+        by_bytes: dict[bytes, list[int]] = {}
+        for tid, data in enumerate(token_bytes(tokenizer, vocab_size)):
+            if data is not None and tid not in self.stop_token_ids:
+                by_bytes.setdefault(data, []).append(tid)
+        self._vocab = oc.Vocabulary(self.stop_token_ids[0], by_bytes)
+        singles = [by_bytes.get(bytes([b]), [None])[0] for b in range(256)]
+        self._singles = None if None in singles else singles
+
+    def _compile(self, kind: str, spec: str) -> Any:
+        if kind == "json_schema":
+            check_schema(parse_schema(spec), self.name)
+            regex = build_regex_from_schema(spec)
+        elif kind == "json_object":
+            regex = build_regex_from_schema('{"type": "object"}')
+        elif kind == "regex":
+            regex = spec
+        elif kind == "ebnf":
+            raise GrammarError("outlines: EBNF grammars are not supported (outlines-core compiles regular "
+                               "languages only); use the xgrammar or llguidance backend")
+        else:
+            regex = "|".join("".join("\\" + ch if ch in _REGEX_META else ch for ch in c) for c in parse_choices(spec))
+        return _Compiled(oc.Index(regex, self._vocab), self._singles)
+
+    def matcher(self, compiled: CompiledGrammar) -> OutlinesMatcher:
+        if compiled.backend != self.name:
+            raise GrammarError(f"grammar compiled by {compiled.backend}, not {self.name}")
+        guide = oc.Guide(compiled.handle.index, max_rollback=_MAX_ROLLBACK)
+        return OutlinesMatcher(compiled.handle, guide, self.stop_token_ids, self.vocab_size)

@@ -1,0 +1,92 @@
+"""xgrammar (pushdown automaton with a per-state token-mask cache; C++).
+
+Install without its triton dependency, which it needs only for GPU kernels:
+`pip install --no-deps xgrammar` then `pip install apache-tvm-ffi pydantic`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .base import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, parse_choices, parse_schema
+from .features import check_schema
+
+try:
+    import xgrammar as xgr
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "the xgrammar grammar backend needs xgrammar: "
+        "pip install --no-deps xgrammar && pip install apache-tvm-ffi pydantic"
+    ) from exc
+
+
+class XGrammarMatcher(GrammarMatcher):
+    def __init__(self, matcher: "xgr.GrammarMatcher", stop_token_ids: Sequence[int], vocab_size: int) -> None:
+        super().__init__(stop_token_ids, vocab_size)
+        self._m = matcher
+
+    def _fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self._m.fill_next_token_bitmask(bitmask, row)
+
+    def _accept(self, token_id: int) -> bool:
+        return self._m.accept_token(token_id)
+
+    def _rollback(self, num_tokens: int) -> None:
+        self._m.rollback(num_tokens)
+
+    def _is_accepting(self) -> bool:
+        return self._m.is_completed()
+
+    def _copy(self) -> "XGrammarMatcher":
+        return XGrammarMatcher(self._m.fork(), self._stop_ids, self._vocab_size)
+
+    def _jump_forward(self) -> str:
+        return self._m.find_jump_forward_string()
+
+
+class XGrammarBackend(GrammarBackend):
+    name = "xgrammar"
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int] | None = None,
+                 max_threads: int = 1) -> None:
+        super().__init__(tokenizer, vocab_size, stop_token_ids)
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=list(self.stop_token_ids))
+        # Our own LRU (compiler.py) caches compiled grammars; xgrammar's cache is kept small.
+        self._compiler = xgr.GrammarCompiler(info, max_threads=max_threads, cache_enabled=False)
+
+    def _compile(self, kind: str, spec: str) -> Any:
+        c = self._compiler
+        if kind == "json_schema":
+            check_schema(parse_schema(spec), self.name)
+            return c.compile_json_schema(spec, any_whitespace=False, separators=(", ", ": "), strict_mode=True)
+        if kind == "json_object":
+            return c.compile_builtin_json_grammar()
+        if kind == "regex":
+            return c.compile_regex(spec)
+        if kind == "ebnf":
+            return c.compile_grammar(spec)
+        choices = parse_choices(spec)
+        return c.compile_grammar(
+            xgr.Grammar.from_ebnf("root ::= " + " | ".join(_ebnf_string(s) for s in choices)))
+
+    def matcher(self, compiled: CompiledGrammar) -> XGrammarMatcher:
+        if compiled.backend != self.name:
+            raise GrammarError(f"grammar compiled by {compiled.backend}, not {self.name}")
+        m = xgr.GrammarMatcher(compiled.handle)  # rollback is unlimited
+        return XGrammarMatcher(m, self.stop_token_ids, self.vocab_size)
+
+
+def _ebnf_string(s: str) -> str:
+    """A GBNF string literal: escape backslash, quote and control characters."""
+    out = []
+    for ch in s:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'

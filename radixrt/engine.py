@@ -1,0 +1,308 @@
+"""Engine: the offline / in-process API (`generate`, `generate_stream`, `chat`).
+
+The worker runs inline on one background thread that steps while there is work, so
+calls from many threads (a DSL `run_batch`, fork branches) are batched together. Callers
+talk to it with the same typed messages the ZMQ worker process uses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from radixrt import ipc
+from radixrt.config import EngineConfig
+from radixrt.frontend.chat_template import render_chat
+from radixrt.frontend.detokenizer import IncrementalDetokenizer
+from radixrt.model.loader import load_tokenizer
+from radixrt.sampling_params import SamplingParams
+from radixrt.worker import Worker
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class RequestOutput:
+    """The result of one prompt."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: Usage
+    prompt_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    error: str | None = None
+
+
+@dataclass
+class StreamChunk:
+    """One increment of a streamed request; the last one has `finished` set and the usage."""
+
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+class EngineDeadError(RuntimeError):
+    """The worker loop crashed; the engine cannot serve any more requests."""
+
+
+class Engine:
+    """`Engine(model=None, **config)`: config keys are the fields of `EngineConfig`."""
+
+    def __init__(self, model: str | None = None, **config: Any) -> None:
+        self.config = EngineConfig.from_kwargs(model=model, **config)
+        self.worker = Worker(self.config)
+        self.tokenizer = load_tokenizer(self.worker.model_dir)
+        self.max_context = self.worker.max_context
+        self._inbox: queue.Queue[tuple[ipc.ToWorker, Future | None]] = queue.Queue()
+        self._streams: dict[str, queue.Queue[ipc.ReqOutput]] = {}
+        self._ids = itertools.count()
+        self._dead: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="radixrt-worker", daemon=True)
+        self._thread.start()
+
+    # ----- public API --------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: Prompt | list[Prompt] | None = None,
+        sampling_params: SamplingParams | dict | list | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+    ) -> RequestOutput | list[RequestOutput]:
+        """Generate for one prompt (returns one output) or a list (returns a list, in order)."""
+        prompts, single = self._normalize_prompts(prompt, input_ids)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        # Validate everything before submitting anything, so a bad prompt fails the call cleanly.
+        encoded = [self._encode(p) for p in prompts]
+        pending = [self._submit(ids, sp) for ids, sp in zip(encoded, params)]
+        outputs = [self._collect(rid, q, ids, sp) for (rid, q), ids, sp in zip(pending, encoded, params)]
+        return outputs[0] if single else outputs
+
+    def generate_stream(
+        self, prompt: Prompt | None = None, sampling_params: SamplingParams | dict | None = None, input_ids=None
+    ) -> Iterator[StreamChunk]:
+        """Yield text increments as tokens are generated; abort the request if the caller stops early."""
+        prompts, _ = self._normalize_prompts(prompt, input_ids)
+        if len(prompts) != 1:
+            raise ValueError("generate_stream takes a single prompt")
+        params = SamplingParams.from_any(sampling_params)
+        ids = self._encode(prompts[0])
+        rid, q = self._submit(ids, params)
+        detok = self._detokenizer(params)
+        finished = False
+        try:
+            while True:
+                out = self._next(rid, q)
+                text = detok.add(out.new_token_ids)
+                stop = detok.stopped and not out.finished
+                if out.finished or stop:
+                    text += detok.flush()
+                    if stop:
+                        self.abort(rid)
+                    finished = True
+                    reason = "stop" if stop else out.finish_reason
+                    yield StreamChunk(text, out.new_token_ids, True, reason, _usage(out), out.logprobs, out.top_logprobs)
+                    return
+                if text or out.new_token_ids:
+                    yield StreamChunk(text, out.new_token_ids, logprobs=out.logprobs, top_logprobs=out.top_logprobs)
+        finally:
+            if not finished:
+                self.abort(rid)
+            self._streams.pop(rid, None)
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | dict | None = None) -> RequestOutput:
+        """Apply the model's chat template and generate the assistant's reply."""
+        return self.generate(self.render_chat(messages), sampling_params)
+
+    def chat_stream(self, messages: list[dict], sampling_params=None) -> Iterator[StreamChunk]:
+        return self.generate_stream(self.render_chat(messages), sampling_params)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools=None) -> str:
+        return render_chat(self.tokenizer, messages, add_generation_prompt, tools)
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put((ipc.AbortReq(rid), None))
+
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix; refused (False) while requests hold cached pages."""
+        return self._call(ipc.FlushCacheReq()).ok
+
+    def stats(self) -> ipc.EngineStats:
+        return self._call(ipc.StatsReq())
+
+    def shutdown(self) -> None:
+        self._closed = True
+        self._inbox.put((ipc.ShutdownReq(), None))
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ----- front-end helpers -------------------------------------------------------------
+
+    def _normalize_prompts(self, prompt, input_ids) -> tuple[list[Prompt], bool]:
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("pass exactly one of prompt or input_ids")
+        if input_ids is not None:
+            if input_ids and isinstance(input_ids[0], list):
+                return list(input_ids), False
+            return [list(input_ids)], True
+        if isinstance(prompt, str):
+            return [prompt], True
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            return [prompt], True
+        if isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):
+            if not prompt:
+                raise ValueError("prompt list is empty")
+            return list(prompt), False
+        raise ValueError("prompt must be a string, a list of token ids, or a list of those")
+
+    @staticmethod
+    def _params_per_prompt(sampling_params, n: int) -> list[SamplingParams]:
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != n:
+                raise ValueError(f"got {len(sampling_params)} sampling_params for {n} prompts")
+            return [SamplingParams.from_any(p) for p in sampling_params]
+        return [SamplingParams.from_any(sampling_params)] * n
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = list(prompt)
+            vocab = self.worker.model_config.vocab_size
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+                raise ValueError(f"input_ids must be integers in [0, {vocab})")
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_context:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; this engine's context holds at most {self.max_context - 1} prompt tokens"
+            )
+        return ids
+
+    def _detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
+
+    def _submit(self, ids: list[int], params: SamplingParams) -> tuple[str, queue.Queue]:
+        self._check_alive()
+        rid = f"req-{next(self._ids)}"
+        q: queue.Queue[ipc.ReqOutput] = queue.Queue()
+        self._streams[rid] = q
+        self._inbox.put((ipc.GenerateReq(rid, ids, params), None))
+        return rid, q
+
+    def _next(self, rid: str, q: queue.Queue) -> ipc.ReqOutput:
+        while True:
+            try:
+                return q.get(timeout=1.0)
+            except queue.Empty:
+                self._check_alive()
+
+    def _collect(self, rid: str, q: queue.Queue, prompt_ids: list[int], params: SamplingParams) -> RequestOutput:
+        detok = self._detokenizer(params)
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        top: list = []
+        try:
+            while True:
+                out = self._next(rid, q)
+                tokens.extend(out.new_token_ids)
+                logprobs.extend(out.logprobs or [])
+                top.extend(out.top_logprobs or [])
+                detok.add(out.new_token_ids)
+                if detok.stopped and not out.finished:
+                    self.abort(rid)
+                    reason = "stop"
+                elif out.finished:
+                    reason = out.finish_reason
+                else:
+                    continue
+                detok.flush()
+                if out.error:
+                    raise ValueError(out.error)
+                return RequestOutput(
+                    text=detok.text,
+                    token_ids=tokens,
+                    finish_reason=reason,
+                    usage=_usage(out),
+                    prompt_token_ids=prompt_ids,
+                    logprobs=logprobs if params.logprobs else None,
+                    top_logprobs=top if params.logprobs and params.top_logprobs else None,
+                    prompt_logprobs=out.prompt_logprobs,
+                    prompt_top_logprobs=out.prompt_top_logprobs,
+                )
+        finally:
+            self._streams.pop(rid, None)
+
+    # ----- the worker thread -------------------------------------------------------------
+
+    def _call(self, msg: ipc.ToWorker):
+        self._check_alive()
+        fut: Future = Future()
+        self._inbox.put((msg, fut))
+        return fut.result(timeout=60)
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine's worker loop crashed: {self._dead!r}")
+        if self._closed:
+            raise EngineDeadError("the engine has been shut down")
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                block = not self.worker.has_work()
+                while True:
+                    try:
+                        msg, fut = self._inbox.get(block=block, timeout=None)
+                    except queue.Empty:
+                        break
+                    block = False
+                    if isinstance(msg, ipc.ShutdownReq):
+                        return
+                    reply = self.worker.handle(msg)
+                    if fut is not None:
+                        fut.set_result(reply)
+                for out in self.worker.step():
+                    stream = self._streams.get(out.rid)
+                    if stream is not None:
+                        stream.put(out)
+        except BaseException as exc:  # report, don't hide: every waiting caller gets the error
+            log.exception("worker loop crashed")
+            self._dead = exc
+            for rid, stream in list(self._streams.items()):
+                stream.put(ipc.ReqOutput(rid, [], True, "error", error=f"worker crashed: {exc!r}"))
+
+
+def _usage(out: ipc.ReqOutput) -> Usage:
+    return Usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)

@@ -1,0 +1,104 @@
+"""Typed messages between the front end and the worker (msgspec; never pickle).
+
+The same messages flow whether the worker runs inline (offline Engine, tests) or in its
+own process behind ZMQ sockets. Only token ids, parameters and results cross: text stays
+in the front end.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from radixrt.sampling_params import SamplingParams
+
+
+class GenerateReq(msgspec.Struct, tag="generate"):
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+
+
+class AbortReq(msgspec.Struct, tag="abort"):
+    rid: str
+
+
+class FlushCacheReq(msgspec.Struct, tag="flush_cache"):
+    pass
+
+
+class StatsReq(msgspec.Struct, tag="stats_req"):
+    pass
+
+
+class ShutdownReq(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+TopLogprobs = list[tuple[int, float]]
+
+
+class ReqOutput(msgspec.Struct):
+    """What one request gained in one step (tokens appended since the last output)."""
+
+    rid: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "grammar_dead_end" | "error"
+    matched_stop: int | None = None  # the stop token id that ended it, if any
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list[float] | None = None
+    top_logprobs: list[TopLogprobs] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[TopLogprobs] | None = None
+
+
+class StepOutputs(msgspec.Struct, tag="outputs"):
+    outputs: list[ReqOutput]
+
+
+class EngineStats(msgspec.Struct, tag="stats"):
+    num_running: int
+    num_waiting: int
+    total_pages: int
+    free_pages: int
+    used_pages: int  # held by running requests, outside the cache
+    cached_pages: int
+    evictable_pages: int
+    protected_pages: int
+    page_size: int
+    cache_hit_rate: float
+    hit_tokens: int
+    query_tokens: int
+    evicted_tokens: int
+    num_preemptions: int
+    prompt_tokens: int
+    generated_tokens: int
+    cached_tokens: int
+    num_finished: int
+
+
+class FlushCacheResult(msgspec.Struct, tag="flush_result"):
+    ok: bool
+
+
+ToWorker = GenerateReq | AbortReq | FlushCacheReq | StatsReq | ShutdownReq
+FromWorker = StepOutputs | EngineStats | FlushCacheResult
+
+_to_worker = msgspec.msgpack.Decoder(ToWorker)
+_from_worker = msgspec.msgpack.Decoder(FromWorker)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: ToWorker | FromWorker) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_to_worker(data: bytes) -> ToWorker:
+    return _to_worker.decode(data)
+
+
+def decode_from_worker(data: bytes) -> FromWorker:
+    return _from_worker.decode(data)

@@ -1,0 +1,75 @@
+"""A request's state inside the worker: its tokens, its pages and where it is in its life.
+
+    WAITING --admit--> RUNNING --finish/abort--> FINISHED
+       ^                  |
+       +----preempt-------+   (pages released, recomputed later; the prefix cache keeps what it can)
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from radixrt.sampling_params import SamplingParams
+
+
+class ReqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Req:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: ReqStatus = ReqStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    # token_ids == prompt_ids + output_ids, kept as one list so slicing is cheap.
+    token_ids: list[int] = field(default_factory=list)
+    # KV state: pages in order; the first `num_tree_pages` belong to the prefix cache (locked via cache_node).
+    page_table: list[int] = field(default_factory=list)
+    num_tree_pages: int = 0
+    cache_node: object | None = None
+    num_computed: int = 0  # tokens whose K/V is in the pages
+    cached_tokens: int = 0  # prefix-cache hit at first admission (reported in usage)
+    admitted_once: bool = False
+    num_preemptions: int = 0
+    generator: torch.Generator | None = None
+    grammar: object | None = None  # a GrammarMatcher, or a Future of one while it compiles
+    finish_reason: str | None = None
+    error: str | None = None
+    first_token_time: float | None = None
+    # Log probabilities accumulated for the output (sent to the front end incrementally).
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+        if self.params.seed is not None and self.generator is None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        """More than the last token still lacks KV (a prompt, or a prompt being recomputed)."""
+        return self.num_computed < self.num_tokens - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is ReqStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.output_ids.append(token_id)
+        self.token_ids.append(token_id)

@@ -1,0 +1,47 @@
+"""Orders the waiting queue each step: FCFS, longest prefix match, or DFS weight.
+
+Every policy puts starving requests (waiting longer than the timeout) first, oldest first,
+so a request with no cache hits still runs eventually.
+"""
+
+from __future__ import annotations
+
+from radixrt.cache.base import PrefixCache
+from radixrt.request import Req
+
+
+class Policy:
+    """FCFS: arrival order (preempted requests are re-queued at the head)."""
+
+    name = "fcfs"
+
+    def __init__(self, cache: PrefixCache, starvation_timeout_s: float) -> None:
+        self.cache = cache
+        self.starvation_timeout_s = starvation_timeout_s
+
+    def order(self, waiting: list[Req], now: float) -> list[Req]:
+        starving = [r for r in waiting if now - r.arrival_time > self.starvation_timeout_s]
+        if not starving:
+            return self.rank(waiting)
+        rest = [r for r in waiting if now - r.arrival_time <= self.starvation_timeout_s]
+        return starving + self.rank(rest)
+
+    def rank(self, waiting: list[Req]) -> list[Req]:
+        return waiting
+
+
+class LongestPrefixMatch(Policy):
+    """Requests with the longest cached prefix first: they cost the least to start."""
+
+    name = "lpm"
+
+    def rank(self, waiting: list[Req]) -> list[Req]:
+        lengths = {id(r): self.cache.match_prefix(r.token_ids, r.params.cache_salt, record=False).num_tokens for r in waiting}
+        return sorted(waiting, key=lambda r: -lengths[id(r)])
+
+
+def make_policy(name: str, cache: PrefixCache, starvation_timeout_s: float) -> Policy:
+    policies = {p.name: p for p in (Policy, LongestPrefixMatch)}
+    if name not in policies:
+        raise ValueError(f"unknown schedule policy {name!r}; choose from {', '.join(policies)}")
+    return policies[name](cache, starvation_timeout_s)

@@ -1,0 +1,199 @@
+"""Scheduler: which requests run this step, with how many tokens, on which pages.
+
+Each step holds one decode token for every running request that finished its prompt,
+then prefill chunks (continuing ones first, then new admissions in policy order) up to
+the chunked-prefill token budget. Pages come from the allocator, evicting unlocked
+prefix-cache leaves when short; when decode still runs out, the newest running request
+is preempted: its KV goes to the prefix cache (or back to the free list), it returns to
+the head of the queue and is recomputed later. Memory pressure never fails a request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from radixrt.cache.base import PrefixCache
+from radixrt.cache.page_pool import PageAllocator
+from radixrt.config import EngineConfig
+from radixrt.request import Req, ReqStatus
+from radixrt.scheduler.policy import make_policy
+
+
+@dataclass
+class ScheduledBatch:
+    """The requests of one step with their new-token counts; decode requests come first."""
+
+    reqs: list[Req]
+    num_new: list[int]
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, allocator: PageAllocator, cache: PrefixCache, max_context: int) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.cache = cache
+        self.page_size = cache.page_size
+        self.max_context = max_context
+        self.policy = make_policy(config.schedule_policy, cache, config.starvation_timeout_s)
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.num_preemptions = 0
+
+    # ----- queue -------------------------------------------------------------------------
+
+    def add(self, req: Req) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, req: Req) -> None:
+        """Take a request out (finish or abort), caching its KV and freeing its pages."""
+        if req in self.running:
+            self.running.remove(req)
+            self.release(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = ReqStatus.FINISHED
+
+    # ----- one step ----------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch | None:
+        decode, num_new = [], []
+        for req in list(self.running):
+            if req.is_prefilling or req not in self.running:
+                continue
+            if self._reserve(req, req.num_computed + 1, preempt=True):
+                decode.append(req)
+                num_new.append(1)
+        budget = self.config.chunked_prefill_size
+        prefill: list[Req] = []
+        for req in self.running:
+            if req.is_prefilling and budget > 0:
+                chunk = self._chunk_for(req, budget)
+                if chunk:
+                    prefill.append(req)
+                    num_new.append(chunk)
+                    budget -= chunk
+        budget = self._admit(budget, prefill, num_new)
+        reqs = decode + prefill
+        return ScheduledBatch(reqs, num_new) if reqs else None
+
+    def _admit(self, budget: int, prefill: list[Req], num_new: list[int]) -> int:
+        """Move waiting requests into the running set while pages, budget and slots last."""
+        if not self.waiting or budget <= 0:
+            return budget
+        for req in self.policy.order(list(self.waiting), now=time.monotonic()):
+            if budget <= 0 or len(self.running) >= self.config.max_running_requests:
+                break
+            self._attach_prefix(req)
+            chunk = self._chunk_for(req, budget, admitting=True)
+            if not chunk:
+                self._detach(req)
+                break  # out of pages: keep the order, try again next step
+            self.waiting.remove(req)
+            self.running.append(req)
+            req.status = ReqStatus.RUNNING
+            prefill.append(req)
+            num_new.append(chunk)
+            budget -= chunk
+        return budget
+
+    def _chunk_for(self, req: Req, budget: int, admitting: bool = False) -> int:
+        """Tokens of req's prompt to compute now, with pages reserved for them (0: none fit).
+
+        A running prefill takes whatever the pool still holds; a new admission must fit its
+        whole first chunk plus a page of headroom per running request, so admitting it does
+        not immediately force a preemption.
+        """
+        chunk = min(req.num_tokens - req.num_computed, budget)
+        if admitting and self.running:
+            headroom = len(self.running)
+            needed = -(-(req.num_computed + chunk) // self.page_size) - len(req.page_table)
+            if self.allocator.num_free + self.cache.evictable_pages < needed + headroom:
+                return 0
+        if chunk > 0 and not self._reserve(req, req.num_computed + chunk, preempt=False):
+            if admitting and self.running:
+                return 0
+            chunk = (len(req.page_table) + self.allocator.num_free) * self.page_size - req.num_computed
+            if chunk <= 0 or not self._reserve(req, req.num_computed + chunk, preempt=False):
+                return 0
+        return chunk
+
+    # ----- pages ----------------------------------------------------------------------
+
+    def _reserve(self, req: Req, num_tokens: int, preempt: bool) -> bool:
+        """Make req's page table cover num_tokens, evicting cache leaves and (if allowed) preempting."""
+        needed = -(-num_tokens // self.page_size) - len(req.page_table)
+        while needed > 0:
+            if self.allocator.num_free < needed:
+                self.cache.evict(needed - self.allocator.num_free)
+            pages = self.allocator.alloc(needed)
+            if pages is not None:
+                req.page_table.extend(pages)
+                return True
+            if not preempt:
+                return False
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def preempt(self, req: Req) -> None:
+        """Release a running request's pages and put it back at the head of the queue."""
+        self.running.remove(req)
+        self.release(req)
+        req.status = ReqStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _attach_prefix(self, req: Req) -> None:
+        """Point a waiting request at its longest cached prefix and lock it."""
+        if req.params.prompt_logprobs and not req.admitted_once:
+            match = self.cache.match_prefix([], req.params.cache_salt)  # needs logits of every prompt token
+        else:
+            # Leave at least one token to compute: its logits pick the next token.
+            match = self.cache.match_prefix(req.token_ids[:-1], req.params.cache_salt)
+        self.cache.lock(match.node)
+        req.cache_node = match.node
+        req.page_table = list(match.pages)
+        req.num_tree_pages = len(match.pages)
+        req.num_computed = match.num_tokens
+        if not req.admitted_once:
+            req.cached_tokens = match.num_tokens
+            req.admitted_once = True
+
+    def _detach(self, req: Req) -> None:
+        """Undo _attach_prefix for a request that could not be admitted after all."""
+        own = req.page_table[req.num_tree_pages :]
+        self.allocator.free(own)
+        self.cache.unlock(req.cache_node)
+        req.cache_node, req.page_table, req.num_tree_pages, req.num_computed = None, [], 0, 0
+
+    def release(self, req: Req) -> None:
+        """Hand a request's computed whole pages to the prefix cache and free the rest."""
+        full = req.num_computed // self.page_size
+        already = self.cache.insert(req.token_ids[: full * self.page_size], req.page_table[:full], req.params.cache_salt)
+        duplicates = req.page_table[req.num_tree_pages : max(req.num_tree_pages, already // self.page_size)]
+        self.allocator.free(duplicates + req.page_table[full:])
+        self.cache.unlock(req.cache_node)
+        req.cache_node, req.page_table, req.num_tree_pages, req.num_computed = None, [], 0, 0
+
+    def cache_progress(self, req: Req) -> None:
+        """After a prefill chunk, publish its whole pages to the cache so others can hit them now."""
+        full = req.num_computed // self.page_size
+        if not self.cache.enabled or full <= req.num_tree_pages:
+            return
+        key = req.token_ids[: full * self.page_size]
+        already = self.cache.insert(key, req.page_table[:full], req.params.cache_salt)
+        self.allocator.free(req.page_table[req.num_tree_pages : max(req.num_tree_pages, already // self.page_size)])
+        match = self.cache.match_prefix(key, req.params.cache_salt, record=False)
+        self.cache.lock(match.node)
+        self.cache.unlock(req.cache_node)
+        req.cache_node = match.node
+        req.page_table[:full] = match.pages
+        req.num_tree_pages = full

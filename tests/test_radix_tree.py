@@ -1,0 +1,357 @@
+"""RadixCache: unit tests for each mechanism, and a stateful property test that drives the
+tree the way the engine does (match, lock, allocate the rest, insert, free duplicates,
+unlock) against a reference model: a dict from each cached page-aligned prefix to its page."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from radixrt.cache.base import NoPrefixCache
+from radixrt.cache.page_pool import PageAllocator
+from radixrt.cache.radix_tree import RadixCache
+
+
+class RecordingAllocator(PageAllocator):
+    """A PageAllocator that remembers which pages came back, so a test can see what evict freed."""
+
+    def __init__(self, num_pages: int) -> None:
+        super().__init__(num_pages)
+        self.freed: list[int] = []
+
+    def free(self, pages) -> None:
+        pages = list(pages)
+        super().free(pages)
+        self.freed += pages
+
+
+def make(page_size: int = 1, num_pages: int = 64) -> tuple[RadixCache, PageAllocator]:
+    alloc = PageAllocator(num_pages)
+    return RadixCache(page_size, alloc), alloc
+
+
+def cache_seq(cache: RadixCache, alloc: PageAllocator, ids: list[int], salt: str | None = None) -> list[int]:
+    """Insert ids as a finished request would, with fresh pages; return the tree's pages for ids."""
+    pages = alloc.alloc(len(ids) // cache.page_size)
+    already = cache.insert(ids, pages, salt)
+    alloc.free(pages[: already // cache.page_size])  # duplicates
+    return cache.match_prefix(ids, salt, record=False).pages
+
+
+def tree_nodes(cache: RadixCache):
+    """(salt, prefix tokens up to and including the node, node) for every non-root node."""
+    out = []
+    for salt, root in cache._roots.items():
+        stack = [((), root)]
+        while stack:
+            prefix, node = stack.pop()
+            for child in node.children.values():
+                out.append((salt, prefix + child.key, child))
+                stack.append((prefix + child.key, child))
+    return out
+
+
+# -- unit tests ----------------------------------------------------------------------------
+
+
+def test_split_inside_an_edge():
+    cache, alloc = make(page_size=2)
+    pages = cache_seq(cache, alloc, [1, 2, 3, 4, 5, 6, 7, 8])
+    assert cache.stats().num_nodes == 1
+    m = cache.match_prefix([1, 2, 3, 4, 9, 9, 7, 8])
+    assert (m.num_tokens, m.pages) == (4, pages[:2])
+    assert cache.stats().num_nodes == 2  # the edge was cut after two pages
+    assert m.node.key == (1, 2, 3, 4) and len(m.node.children) == 1
+    assert cache.match_prefix([1, 2, 3, 4, 5, 6, 7, 8]).pages == pages  # the full path still matches
+
+
+def test_mismatch_inside_a_page_matches_only_whole_pages():
+    cache, alloc = make(page_size=4)
+    pages = cache_seq(cache, alloc, list(range(12)))
+    m = cache.match_prefix([0, 1, 2, 3, 4, 5, 9, 9, 8, 9, 10, 11])  # differs in page 1
+    assert (m.num_tokens, m.pages) == (4, pages[:1])
+
+
+def test_trailing_partial_page_never_matches():
+    cache, alloc = make(page_size=4)
+    pages = cache_seq(cache, alloc, list(range(8)))
+    assert cache.match_prefix(list(range(7))).pages == pages[:1]
+    assert cache.match_prefix(list(range(10))).pages == pages
+    assert cache.match_prefix([0, 1, 2]).num_tokens == 0
+
+
+def test_insert_returns_already_cached_length():
+    cache, alloc = make(page_size=2)
+    p1 = alloc.alloc(2)
+    assert cache.insert([1, 2, 3, 4], p1) == 0
+    p2 = alloc.alloc(3)
+    assert cache.insert([1, 2, 3, 4, 5, 6], p2) == 4  # p2[:2] are duplicates: the caller frees them
+    alloc.free(p2[:2])
+    assert cache.match_prefix([1, 2, 3, 4, 5, 6]).pages == p1 + p2[2:]
+    assert cache.insert([1, 2, 3, 4, 5, 6], p1 + p2[2:]) == 6  # the tree's own pages: nothing to free
+    assert cache.insert([1, 2, 7, 7], [p1[0], alloc.alloc(1)[0]]) == 2
+    assert alloc.num_free + cache.stats().cached_pages == alloc.num_pages
+
+
+def test_insert_rejects_partial_pages():
+    cache, alloc = make(page_size=2)
+    with pytest.raises(ValueError):
+        cache.insert([1, 2, 3], alloc.alloc(2))
+
+
+def test_evict_lru_order():
+    cache, alloc = make(page_size=1)
+    a = cache_seq(cache, alloc, [1, 1, 1])
+    b = cache_seq(cache, alloc, [2, 2, 2])
+    c = cache_seq(cache, alloc, [3, 3])
+    cache.match_prefix([1, 1, 1])  # a is now the most recently used, b the least
+    assert cache.evict(1) == 3  # a whole leaf goes: b
+    assert cache.match_prefix([2, 2, 2]).num_tokens == 0 and set(b) <= set(alloc._free)
+    assert cache.evict(1) == 2  # then c
+    assert cache.match_prefix([3, 3]).num_tokens == 0 and set(c) <= set(alloc._free)
+    assert cache.match_prefix([1, 1, 1]).pages == a
+
+
+def test_parent_becomes_evictable_after_its_children():
+    cache, alloc = make(page_size=1)
+    cache_seq(cache, alloc, [1, 2, 3])
+    cache_seq(cache, alloc, [1, 2, 4])  # tree: (1,2) -> {(3), (4)}
+    assert cache.stats().num_nodes == 3
+    assert cache.evict(1) == 1  # one child
+    assert cache.evict(1) == 1  # the other child
+    assert cache.stats().num_nodes == 1 and cache.match_prefix([1, 2]).num_tokens == 2
+    assert cache.evict(1) == 2  # now the parent is a leaf
+    assert cache.stats().cached_pages == 0 and alloc.num_free == alloc.num_pages
+
+
+def test_locked_nodes_are_never_evicted():
+    cache, alloc = make(page_size=1)
+    cache_seq(cache, alloc, [1, 2, 3])
+    cache_seq(cache, alloc, [1, 2, 4])
+    cache_seq(cache, alloc, [5, 5])
+    m = cache.match_prefix([1, 2, 3, 9])
+    cache.lock(m.node)
+    assert (cache.protected_pages, cache.evictable_pages) == (3, 3)
+    assert cache.evict(100) == 3  # [4] and [5 5]; the locked path stays
+    assert cache.match_prefix([1, 2, 3]).pages == m.pages
+    assert cache.flush() is False
+    cache.unlock(m.node)
+    with pytest.raises(RuntimeError):
+        cache.unlock(m.node)
+    assert (cache.protected_pages, cache.evictable_pages) == (0, 3)
+    assert cache.evict(100) == 3
+    with pytest.raises(RuntimeError):  # a handle to an evicted node
+        cache.lock(m.node)
+
+
+def test_salts_isolate():
+    cache, alloc = make(page_size=2)
+    pages = cache_seq(cache, alloc, [1, 2, 3, 4], salt="alice")
+    assert cache.match_prefix([1, 2, 3, 4]).num_tokens == 0
+    assert cache.match_prefix([1, 2, 3, 4], salt="bob").num_tokens == 0
+    assert cache.match_prefix([1, 2, 3, 4], salt="alice").pages == pages
+    shared = cache_seq(cache, alloc, [1, 2, 3, 4])
+    assert not set(shared) & set(pages)
+    assert cache.evict(100) == 4
+    assert list(cache._roots) == [None]  # the empty salt root is gone
+
+
+def test_flush():
+    cache, alloc = make(page_size=2)
+    cache_seq(cache, alloc, [1, 2, 3, 4])
+    cache_seq(cache, alloc, [1, 2, 5, 6], salt="s")
+    assert cache.flush() is True
+    assert alloc.num_free == alloc.num_pages and cache.stats().num_nodes == 0
+    assert cache.match_prefix([1, 2, 3, 4]).num_tokens == 0
+
+
+def test_stats_and_hit_rate():
+    cache, alloc = make(page_size=2)
+    cache_seq(cache, alloc, [1, 2, 3, 4])
+    cache.match_prefix([1, 2, 3, 4, 5, 6, 7, 8])  # 4 of 8 tokens hit
+    cache.match_prefix([9, 9, 9, 9])  # 0 of 4
+    cache.match_prefix([1, 2, 3, 4], record=False)  # a peek: not counted
+    s = cache.stats()
+    assert (s.hit_tokens, s.query_tokens, s.hit_rate) == (4, 12, 4 / 12)
+    assert (s.cached_tokens, s.cached_pages, s.evictable_tokens, s.protected_tokens) == (4, 2, 4, 0)
+    cache.evict(1)
+    assert cache.stats().evicted_tokens == 4
+
+
+def test_no_prefix_cache_frees_on_insert():
+    alloc = PageAllocator(8)
+    cache = NoPrefixCache(page_size=2, allocator=alloc)
+    m = cache.match_prefix([1, 2, 3, 4])
+    assert (m.pages, m.num_tokens) == ([], 0)
+    cache.lock(m.node)
+    pages = alloc.alloc(2)
+    assert cache.insert([1, 2, 3, 4], pages) == 0
+    cache.unlock(m.node)
+    assert alloc.num_free == 8
+    assert cache.match_prefix([1, 2, 3, 4]).num_tokens == 0
+    assert cache.evict(4) == 0 and cache.flush() is True
+    assert cache.stats().cached_tokens == 0 and cache.stats().hit_rate == 0.0
+
+
+def test_stale_heap_entries_are_compacted():
+    cache, alloc = make(page_size=1)
+    cache_seq(cache, alloc, [1, 2])
+    m = cache.match_prefix([1, 2])
+    for _ in range(1000):
+        cache.lock(m.node)
+        cache.unlock(m.node)  # each unlock re-queues the leaf
+    assert len(cache._heap) < 100
+    assert cache.evict(2) == 2
+
+
+# -- stateful property test ----------------------------------------------------------------
+
+
+@dataclass
+class SimReq:
+    tokens: tuple[int, ...]  # whole pages only
+    salt: str | None
+    node: object
+    prefix: list[int]  # the tree's pages it matched (and locked)
+    own: list[int]  # pages it allocated for the rest
+
+
+TOKENS = st.lists(st.integers(0, 2), min_size=0, max_size=10)
+SALTS = st.sampled_from([None, None, "s"])
+NUM_PAGES = 20
+
+
+class RadixMachine(RuleBasedStateMachine):
+    @initialize(page_size=st.sampled_from([1, 2, 4]))
+    def setup(self, page_size):
+        self.ps = page_size
+        self.alloc = RecordingAllocator(NUM_PAGES)
+        self.cache = RadixCache(page_size, self.alloc)
+        self.ref: dict[str | None, dict[tuple[int, ...], int]] = {None: {}, "s": {}}
+        self.reqs: list[SimReq] = []
+
+    def expected(self, tokens, salt) -> list[int]:
+        ref, pages = self.ref[salt], []
+        for end in range(self.ps, len(tokens) - len(tokens) % self.ps + 1, self.ps):
+            if tokens[:end] not in ref:
+                break
+            pages.append(ref[tokens[:end]])
+        return pages
+
+    def forget_freed(self) -> list[int]:
+        """Drop the pages the tree just gave back from the reference; return them."""
+        freed, self.alloc.freed = set(self.alloc.freed), []
+        for ref in self.ref.values():
+            for prefix in [p for p, page in ref.items() if page in freed]:
+                del ref[prefix]
+        return sorted(freed)
+
+    @rule(tokens=TOKENS, salt=SALTS, record=st.booleans())
+    def match(self, tokens, salt, record):
+        m = self.cache.match_prefix(tokens, salt, record)
+        assert m.pages == self.expected(tuple(tokens), salt)
+        assert m.num_tokens == len(m.pages) * self.ps
+
+    @rule(tokens=TOKENS, salt=SALTS)
+    def start_request(self, tokens, salt):
+        tokens = tuple(tokens[: len(tokens) - len(tokens) % self.ps])
+        m = self.cache.match_prefix(tokens, salt)
+        assert m.pages == self.expected(tokens, salt)
+        self.cache.lock(m.node)
+        need = len(tokens) // self.ps - len(m.pages)
+        if need > self.alloc.num_free:
+            self.cache.evict(need - self.alloc.num_free)
+            freed = self.forget_freed()
+            assert not set(freed) & set(m.pages)  # just locked
+        own = self.alloc.alloc(need)
+        if own is None:
+            assert self.cache.evictable_pages == 0  # evict freed all it could
+            self.cache.unlock(m.node)
+            return
+        self.reqs.append(SimReq(tokens, salt, m.node, m.pages, own))
+
+    @precondition(lambda self: self.reqs)
+    @rule(i=st.integers(0, 99))
+    def finish_request(self, i):
+        req = self.reqs.pop(i % len(self.reqs))
+        pages = req.prefix + req.own
+        cached_before = len(self.expected(req.tokens, req.salt))
+        already = self.cache.insert(req.tokens, pages, req.salt)
+        assert already == cached_before * self.ps >= len(req.prefix) * self.ps
+        self.alloc.free(req.own[: cached_before - len(req.prefix)])  # the duplicates
+        self.alloc.freed = []
+        ref = self.ref[req.salt]
+        for j in range(cached_before, len(pages)):
+            ref[req.tokens[: (j + 1) * self.ps]] = pages[j]
+        self.cache.unlock(req.node)
+
+    @precondition(lambda self: self.reqs)
+    @rule(i=st.integers(0, 99))
+    def abort_request(self, i):
+        req = self.reqs.pop(i % len(self.reqs))
+        self.alloc.free(req.own)
+        self.alloc.freed = []
+        self.cache.unlock(req.node)
+
+    @rule(n=st.integers(0, NUM_PAGES))
+    def evict(self, n):
+        evictable = self.cache.evictable_pages
+        freed = self.cache.evict(n)
+        assert freed == len(self.forget_freed())
+        assert freed >= n if evictable >= n else freed == evictable
+        locked = {p for r in self.reqs for p in r.prefix}
+        for r in self.reqs:  # a locked request's prefix still maps to the same pages
+            assert self.expected(r.tokens, r.salt)[: len(r.prefix)] == r.prefix
+        assert not locked & set(self.alloc._free)
+
+    @rule()
+    def flush(self):
+        anything_locked = any(r.prefix for r in self.reqs)
+        assert self.cache.flush() is not anything_locked
+        self.forget_freed()
+        if not anything_locked:
+            assert all(not ref for ref in self.ref.values())
+
+    @precondition(lambda self: self.reqs)
+    @rule()
+    def finish_all(self):
+        while self.reqs:
+            self.finish_request(0)
+        assert all(node.lock_ref == 0 for _, _, node in tree_nodes(self.cache))
+        assert self.cache.protected_pages == 0
+
+    @invariant()
+    def pages_are_conserved(self):
+        in_use = sum(len(r.own) for r in self.reqs)
+        cached = self.cache.stats().cached_pages
+        assert self.alloc.num_free + in_use + cached == NUM_PAGES
+        assert cached == sum(len(ref) for ref in self.ref.values())
+        assert self.cache.evictable_pages + self.cache.protected_pages == cached
+
+    @invariant()
+    def tree_matches_reference_and_locks(self):
+        nodes = tree_nodes(self.cache)
+        found: dict[str | None, dict[tuple[int, ...], int]] = {None: {}, "s": {}}
+        protected = 0
+        for salt, prefix, node in nodes:
+            assert len(node.key) == len(node.pages) * self.ps > 0
+            start = len(prefix) - len(node.key)
+            for j, page in enumerate(node.pages):
+                found[salt][prefix[: start + (j + 1) * self.ps]] = page
+            want = sum(1 for r in self.reqs if r.salt == salt and r.tokens[: len(prefix)] == prefix
+                       and len(r.prefix) * self.ps >= len(prefix))
+            assert node.lock_ref == want  # one reference per running request below or at it
+            protected += len(node.pages) if node.lock_ref else 0
+        assert found == self.ref
+        assert protected == self.cache.protected_pages
+        assert self.cache.stats().num_nodes == len(nodes)
+
+
+RadixMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+TestRadixMachine = RadixMachine.TestCase
