@@ -11,6 +11,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class RequestOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    ttft: float | None = None  # seconds from submission to the first generated token
     error: str | None = None
 
 
@@ -79,6 +81,7 @@ class Engine:
         self.max_context = self.worker.max_context
         self._inbox: queue.Queue[tuple[ipc.ToWorker, Future | None]] = queue.Queue()
         self._streams: dict[str, queue.Queue[ipc.ReqOutput]] = {}
+        self._submitted: dict[str, float] = {}
         self._ids = itertools.count()
         self._dead: BaseException | None = None
         self._closed = False
@@ -133,6 +136,7 @@ class Engine:
             if not finished:
                 self.abort(rid)
             self._streams.pop(rid, None)
+            self._submitted.pop(rid, None)
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | dict | None = None) -> RequestOutput:
         """Apply the model's chat template and generate the assistant's reply."""
@@ -217,6 +221,7 @@ class Engine:
         self._check_alive()
         rid = f"req-{next(self._ids)}"
         q: queue.Queue[ipc.ReqOutput] = queue.Queue()
+        self._submitted[rid] = time.perf_counter()
         self._streams[rid] = q
         self._inbox.put((ipc.GenerateReq(rid, ids, params), None))
         return rid, q
@@ -233,9 +238,12 @@ class Engine:
         tokens: list[int] = []
         logprobs: list[float] = []
         top: list = []
+        ttft = None
         try:
             while True:
                 out = self._next(rid, q)
+                if ttft is None and out.new_token_ids:
+                    ttft = time.perf_counter() - self._submitted[rid]
                 tokens.extend(out.new_token_ids)
                 logprobs.extend(out.logprobs or [])
                 top.extend(out.top_logprobs or [])
@@ -260,9 +268,11 @@ class Engine:
                     top_logprobs=top if params.logprobs and params.top_logprobs else None,
                     prompt_logprobs=out.prompt_logprobs,
                     prompt_top_logprobs=out.prompt_top_logprobs,
+                    ttft=ttft,
                 )
         finally:
             self._streams.pop(rid, None)
+            self._submitted.pop(rid, None)
 
     # ----- the worker thread -------------------------------------------------------------
 

@@ -84,8 +84,19 @@ class FlushCacheResult(msgspec.Struct, tag="flush_result"):
     ok: bool
 
 
+class WorkerReady(msgspec.Struct, tag="ready"):
+    """The worker process's handshake: sent once, after the model is loaded (or failed to load)."""
+
+    pid: int
+    max_context: int = 0
+    vocab_size: int = 0
+    total_pages: int = 0
+    page_size: int = 0
+    error: str | None = None
+
+
 ToWorker = GenerateReq | AbortReq | FlushCacheReq | StatsReq | ShutdownReq
-FromWorker = StepOutputs | EngineStats | FlushCacheResult
+FromWorker = StepOutputs | EngineStats | FlushCacheResult | WorkerReady
 
 _to_worker = msgspec.msgpack.Decoder(ToWorker)
 _from_worker = msgspec.msgpack.Decoder(FromWorker)

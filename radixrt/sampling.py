@@ -4,7 +4,7 @@ The worker calls `sample()` once per step with the last-position logits of every
 that produces a token, after building a `SamplingBatch` from those requests. Processing
 order, each stage skipped when no row in the batch asked for it:
 
-    raw logits [B, V] ──────────────────────────────────────────► logprobs (log_softmax of raw)
+    raw logits [B, V] ──────────────────────────► logprobs (log_softmax of raw)
       1. grammar mask      (allowed == False -> -inf)
       2. min_new_tokens    (eos ids + stop_token_ids -> -inf while len(output) < min_new_tokens)
       3. repetition pen.   (HF: over prompt + output; seen logit > 0 -> / p, < 0 -> * p)
@@ -14,12 +14,18 @@ order, each stage skipped when no row in the batch asked for it:
       7. top_k             (keep the k largest)
       8. top_p             (keep the smallest prefix of the sorted distribution reaching p)
       9. min_p             (keep tokens with prob >= min_p * max prob)
-     10. sample            argmax(probs / E), E ~ Exp(1) i.i.d.  (the exponential race)
+     10. sample            argmax(probs / E), E = -log U ~ Exp(1) i.i.d.  (the exponential race)
 
 The exponential race picks token i with probability probs[i] and needs no cumsum/search,
-so every row is independent: a row with its own `torch.Generator` (a seeded request) draws
-its V noise values from that generator alone and gets the same tokens whatever else is in
-the batch; unseeded rows share one batch draw from the global RNG.
+so rows are independent: a row with its own `torch.Generator` (a seeded request) draws its
+V uniforms, in token-id order, from that generator alone and gets the same tokens whatever
+else is in the batch; unseeded rows share one batch draw from the global RNG.
+
+An all-greedy batch with no mask or penalty is one argmax (plus log_softmax if asked).
+
+When every row has a top_k (K = the largest), steps 6-10 run on the [B, K] candidates from
+one `topk`, never touching [B, V] again. Otherwise they run on [B, V]; top_p then looks at
+the best 256 tokens, then 4096, and sorts a full row only where those hold less than top_p.
 """
 
 from __future__ import annotations
@@ -33,11 +39,18 @@ import torch
 from radixrt.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
+# top_p without top_k looks this deep before a full sort: on CPU at V = 49152, topk(256) costs ~1/20
+# of a sort and topk(4096) ~1/5; a real model's nucleus is usually in the first few hundred tokens.
+_TOP_P_DEPTHS = (256, 4096)
 
 
 @dataclass
 class SamplingBatch:
-    """Per-step tensors built from the requests in the batch (B rows, vocabulary V)."""
+    """Per-step tensors built from the requests in the batch (B rows, vocabulary V).
+
+    Penalties are stored sparsely, as unique (row, token) pairs: a step touches only the
+    tokens a request has seen, never a [B, V] count tensor.
+    """
 
     vocab_size: int
     greedy: torch.Tensor  # [B] bool, temperature == 0
@@ -45,28 +58,29 @@ class SamplingBatch:
     top_ks: torch.Tensor  # [B] int64, V when off (1 on greedy rows)
     top_ps: torch.Tensor  # [B] float32, 1.0 when off
     min_ps: torch.Tensor  # [B] float32, 0.0 when off
-    repetition_penalties: torch.Tensor | None  # [B, 1] float32
-    seen: torch.Tensor | None  # [B, V] bool: token occurs in prompt + output (repetition-penalty rows)
-    frequency_penalties: torch.Tensor | None  # [B, 1] float32
-    presence_penalties: torch.Tensor | None  # [B, 1] float32
-    output_counts: torch.Tensor | None  # [B, V] float32: occurrences in the output (freq/presence rows)
-    min_tokens_rows: torch.Tensor | None  # [N] int64 } the (row, token) pairs masked by min_new_tokens
-    min_tokens_ids: torch.Tensor | None  # [N] int64  }
+    rep_pairs: tuple[torch.Tensor, torch.Tensor] | None  # (rows, ids) seen in prompt + output
+    rep_factors: torch.Tensor | None  # [N] the pair's row repetition_penalty
+    out_pairs: tuple[torch.Tensor, torch.Tensor] | None  # (rows, ids) seen in the output
+    out_amounts: torch.Tensor | None  # [N] frequency * count + presence, subtracted from the logit
+    min_tokens_pairs: tuple[torch.Tensor, torch.Tensor] | None  # (rows, ids) masked by min_new_tokens
     seeded: list[tuple[int, torch.Generator]]  # sampled (non-greedy) rows with their own generator
     all_greedy: bool
+    any_greedy: bool
     any_top_k: bool
     any_top_p: bool
     any_min_p: bool
+    max_top_k: int  # largest top_k over all rows, V when some sampled row has none
+    max_active_top_k: int  # largest top_k among rows that have one (0 when none)
     any_logprobs: bool
     max_top_logprobs: int
 
     @property
     def any_penalty(self) -> bool:
-        return self.repetition_penalties is not None or self.output_counts is not None
+        return self.rep_pairs is not None or self.out_pairs is not None
 
     @property
     def any_min_tokens(self) -> bool:
-        return self.min_tokens_rows is not None
+        return self.min_tokens_pairs is not None
 
     @classmethod
     def build(
@@ -79,7 +93,7 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device | str = "cpu",
     ) -> SamplingBatch:
-        """Gather the rows' parameters into tensors; cost is O(B) plus O(tokens) for penalty rows."""
+        """Gather the rows' parameters into tensors: O(B), plus O(tokens) for rows with penalties."""
         V, B = vocab_size, len(params)
         greedy = [p.temperature == 0.0 for p in params]
         sampled = [i for i in range(B) if not greedy[i]]
@@ -90,16 +104,19 @@ class SamplingBatch:
         def f32(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
 
+        def i64(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        rep_pairs = rep_factors = out_pairs = out_amounts = None
         rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-        fp_rows = [i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
-        seen = rep = freq = pres = counts = None
         if rep_rows:
-            rep = f32([p.repetition_penalty for p in params]).unsqueeze(1)
-            seen = _count_tokens([prompt_ids[i] + output_ids[i] for i in rep_rows], rep_rows, B, V, device) > 0
+            rows, ids, _ = _unique_pairs([prompt_ids[i] + output_ids[i] for i in rep_rows], rep_rows, V, device)
+            rep_pairs, rep_factors = (rows, ids), f32([p.repetition_penalty for p in params])[rows]
+        fp_rows = [i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
         if fp_rows:
-            freq = f32([p.frequency_penalty for p in params]).unsqueeze(1)
-            pres = f32([p.presence_penalty for p in params]).unsqueeze(1)
-            counts = _count_tokens([output_ids[i] for i in fp_rows], fp_rows, B, V, device)
+            rows, ids, counts = _unique_pairs([output_ids[i] for i in fp_rows], fp_rows, V, device)
+            freq, pres = f32([p.frequency_penalty for p in params]), f32([p.presence_penalty for p in params])
+            out_pairs, out_amounts = (rows, ids), freq[rows] * counts + pres[rows]
 
         mt_rows: list[int] = []
         mt_ids: list[int] = []
@@ -108,27 +125,28 @@ class SamplingBatch:
                 ids = sorted({t for t in chain(eos_token_ids, p.stop_token_ids) if 0 <= t < V})
                 mt_rows += [i] * len(ids)
                 mt_ids += ids
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
 
+        active_ks = [top_ks[i] for i in sampled if top_ks[i] < V]
         return cls(
             vocab_size=V,
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             temperatures=f32([1.0 if g else p.temperature for p, g in zip(params, greedy)]).unsqueeze(1),
-            top_ks=as_long(top_ks),
+            top_ks=i64(top_ks),
             top_ps=f32(top_ps),
             min_ps=f32(min_ps),
-            repetition_penalties=rep,
-            seen=seen,
-            frequency_penalties=freq,
-            presence_penalties=pres,
-            output_counts=counts,
-            min_tokens_rows=as_long(mt_rows) if mt_rows else None,
-            min_tokens_ids=as_long(mt_ids) if mt_rows else None,
+            rep_pairs=rep_pairs,
+            rep_factors=rep_factors,
+            out_pairs=out_pairs,
+            out_amounts=out_amounts,
+            min_tokens_pairs=(i64(mt_rows), i64(mt_ids)) if mt_rows else None,
             seeded=[(i, generators[i]) for i in sampled if generators[i] is not None],
             all_greedy=not sampled,
-            any_top_k=any(top_ks[i] < V for i in sampled),
+            any_greedy=any(greedy),
+            any_top_k=bool(active_ks),
             any_top_p=any(top_ps[i] < 1.0 for i in sampled),
             any_min_p=any(min_ps[i] > 0.0 for i in sampled),
+            max_top_k=max(top_ks, default=V),
+            max_active_top_k=max(active_ks, default=0),
             any_logprobs=any(p.logprobs or p.top_logprobs > 0 for p in params),
             max_top_logprobs=max((p.top_logprobs for p in params), default=0),
         )
@@ -148,19 +166,17 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, allowed: torch.Tensor | N
     `logits` is never modified. Log-probs are of the raw distribution (before any mask or
     penalty), as vLLM reports by default.
     """
-    raw = logits if logits.dtype == torch.float32 else logits.float()
+    raw = logits.float()  # no copy when already float32
     x = raw
     if allowed is not None:
         x = x.masked_fill(~allowed, _NEG_INF)
-    if batch.any_min_tokens:
-        x = _mask_min_tokens(x if x is not raw else x.clone(), batch, check_dead_rows=allowed is not None)
-    if batch.any_penalty:
-        x = _apply_penalties(x, batch)
+    if batch.any_min_tokens or batch.any_penalty:
+        x = x.clone() if x is raw else x
+        if batch.any_min_tokens:
+            _mask_min_tokens(x, batch, check_dead_rows=allowed is not None)
+        _apply_penalties(x, batch)
 
-    if batch.all_greedy:
-        token_ids = x.argmax(dim=-1)
-    else:
-        token_ids = _sample_rows(x, batch)
+    token_ids = x.argmax(dim=-1) if batch.all_greedy else _sample_rows(x, batch, owned=x is not raw)
 
     if not batch.any_logprobs:
         return SampleOutput(token_ids, None, None, None)
@@ -189,91 +205,117 @@ def prompt_logprobs(
     return chosen, top_ids, top_vals
 
 
-def _count_tokens(rows_ids: list[list[int]], rows: list[int], B: int, V: int, device) -> torch.Tensor:
-    """[B, V] float32 occurrence counts of each row's ids, by one scatter_add over the flattened ids.
+def _unique_pairs(
+    rows_ids: list[list[int]], rows: list[int], V: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unique (row, token) pairs of the rows' ids with their counts, from one flat tensor.
 
-    Flat index = row * V + token id, so rows of any length need no padding.
+    Key = row * V + token id, so rows of any length need no padding; `unique` counts them.
     """
     flat = torch.tensor(list(chain.from_iterable(rows_ids)), dtype=torch.int64, device=device)
     lengths = torch.tensor([len(ids) for ids in rows_ids], dtype=torch.int64, device=device)
     row_of = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64, device=device), lengths)
-    counts = torch.zeros(B * V, dtype=torch.float32, device=device)
-    counts.scatter_add_(0, row_of * V + flat, torch.ones_like(flat, dtype=torch.float32))
-    return counts.view(B, V)
+    keys, counts = torch.unique(row_of * V + flat, return_counts=True)
+    return keys // V, keys % V, counts.float()
 
 
-def _mask_min_tokens(x: torch.Tensor, batch: SamplingBatch, check_dead_rows: bool) -> torch.Tensor:
-    """Mask eos/stop ids (in place). If a grammar mask left only those ids, the grammar wins."""
-    rows, ids = batch.min_tokens_rows, batch.min_tokens_ids
-    before = x[rows, ids]
-    x[rows, ids] = _NEG_INF
+def _mask_min_tokens(x: torch.Tensor, batch: SamplingBatch, check_dead_rows: bool) -> None:
+    """Mask eos/stop ids in place. If the grammar mask left nothing else, the grammar wins."""
+    pairs = batch.min_tokens_pairs
+    before = x[pairs]
+    x[pairs] = _NEG_INF
     if check_dead_rows:
         dead = torch.isneginf(x).all(dim=-1)
-        x[rows, ids] = torch.where(dead[rows], before, x[rows, ids])
-    return x
+        x[pairs] = torch.where(dead[pairs[0]], before, x[pairs])
 
 
 def _apply_penalties(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Rows without a penalty keep their logits exactly (/1, *1, -0)."""
-    if batch.repetition_penalties is not None:
-        p = batch.repetition_penalties
-        x = torch.where(batch.seen, torch.where(x > 0, x / p, x * p), x)
-    if batch.output_counts is not None:
-        counts = batch.output_counts
-        x = x - (batch.frequency_penalties * counts + batch.presence_penalties * (counts > 0))
+    """Repetition, then frequency/presence penalties, in place on the seen (row, token) pairs only."""
+    if batch.rep_pairs is not None:
+        seen, p = x[batch.rep_pairs], batch.rep_factors
+        x[batch.rep_pairs] = torch.where(seen > 0, seen / p, seen * p)
+    if batch.out_pairs is not None:
+        x[batch.out_pairs] -= batch.out_amounts
     return x
 
 
-def _sample_rows(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Steps 5-10 on a batch with at least one sampled row; greedy rows get the argmax of `x`."""
-    greedy_ids = x.argmax(dim=-1)
-    x = x / batch.temperatures  # a fresh tensor: the in-place steps below never touch the caller's
-    if batch.any_top_p:
-        x = _top_k_top_p(x, batch)
-    elif batch.any_top_k:
-        x = _top_k_threshold(x, batch)
-    if batch.any_min_p:
-        # prob >= min_p * max prob  <=>  logit >= max logit + log(min_p): no softmax needed.
-        floor = x.amax(dim=-1, keepdim=True) + batch.min_ps.log().unsqueeze(1)
-        x.masked_fill_(x < floor, _NEG_INF)
-
-    probs = x.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_()
-    for row, gen in batch.seeded:
-        noise[row].exponential_(generator=gen)
-    # exponential_ may return exactly 0; clamp so a masked token (prob 0) never becomes 0/0 = nan.
-    sampled = probs.div_(noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-    return torch.where(batch.greedy, greedy_ids, sampled)
-
-
-def _top_k_threshold(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """top_k alone: mask logits below each row's k-th largest, from one topk(K = largest k in use)."""
-    active = batch.top_ks < batch.vocab_size
-    k_max = int(batch.top_ks[active].max())
-    values = x.topk(k_max, dim=-1).values
-    kth = values.gather(1, (batch.top_ks.clamp(max=k_max) - 1).unsqueeze(1))
-    kth = torch.where(active.unsqueeze(1), kth, _NEG_INF)
-    return x.masked_fill_(x < kth, _NEG_INF)
-
-
-def _top_k_top_p(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """top_k then top_p on the sorted candidates, scattered back to a full [B, V] row.
-
-    When every row has a top_k, the candidates are topk(K = largest k), not a full sort:
-
-        sorted [B, K]:  v0 >= v1 >= ... >= v(k-1) | -inf (past this row's k) ...
-        keep position j  <=>  j < k  and  sum(probs[:j]) < top_p   (position 0 always kept)
-    """
-    V = batch.vocab_size
-    k_max = int(batch.top_ks.max())
-    if k_max < V:
-        values, idx = x.topk(k_max, dim=-1)
+def _sample_rows(x: torch.Tensor, batch: SamplingBatch, owned: bool) -> torch.Tensor:
+    """Steps 5-10 for a batch with at least one sampled row; greedy rows get the argmax of `x`."""
+    greedy_ids = x.argmax(dim=-1) if batch.any_greedy else None
+    if batch.max_top_k < batch.vocab_size:
+        values, idx = x.topk(batch.max_top_k, dim=-1)  # sorted: position j is the row's (j+1)-th best
+        values /= batch.temperatures
+        positions = torch.arange(values.shape[1], device=x.device)
+        values.masked_fill_(positions >= batch.top_ks.unsqueeze(1), _NEG_INF)
+        if batch.any_top_p:
+            values.masked_fill_(values < _nucleus_floor(values, values.logsumexp(-1, keepdim=True), batch), _NEG_INF)
+        choice = _race(_min_p(values, batch).softmax(dim=-1), batch, idx)
+        sampled = idx.gather(1, choice.unsqueeze(1)).squeeze(1)
     else:
-        values, idx = x.sort(dim=-1, descending=True)
-    positions = torch.arange(values.shape[1], device=x.device)
-    values = values.masked_fill(positions >= batch.top_ks.unsqueeze(1), _NEG_INF)
-    probs = values.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # mass strictly above each position
-    drop = (before >= batch.top_ps.unsqueeze(1)) & (batch.top_ps < 1.0).unsqueeze(1)
-    values = values.masked_fill(drop, _NEG_INF)
-    return torch.full_like(x, _NEG_INF).scatter_(1, idx, values)
+        x = x.div_(batch.temperatures) if owned else x / batch.temperatures
+        if batch.any_top_k:
+            kth = x.topk(batch.max_active_top_k, dim=-1).values.gather(
+                1, (batch.top_ks.clamp(max=batch.max_active_top_k) - 1).unsqueeze(1)
+            )
+            x.masked_fill_(x < torch.where(batch.top_ks.unsqueeze(1) < batch.vocab_size, kth, _NEG_INF), _NEG_INF)
+        if batch.any_top_p:
+            x.masked_fill_(x < _top_p_floor(x, batch), _NEG_INF)
+        sampled = _race(_min_p(x, batch).softmax(dim=-1), batch, None)
+    return sampled if greedy_ids is None else torch.where(batch.greedy, greedy_ids, sampled)
+
+
+def _nucleus_floor(sorted_values: torch.Tensor, logz: torch.Tensor, batch: SamplingBatch, rows=None) -> torch.Tensor:
+    """[R, 1] smallest logit kept by top_p, from each row's best logits sorted descending.
+
+    Position j is kept while the mass strictly above it is < top_p (position 0 always is);
+    rows with top_p == 1 get -inf (keep everything).
+    """
+    top_ps = batch.top_ps if rows is None else batch.top_ps[rows]
+    probs = (sorted_values - logz).exp()
+    above = probs.cumsum(dim=-1) - probs
+    n_kept = (above < top_ps.unsqueeze(1)).sum(dim=-1, keepdim=True)
+    floor = sorted_values.gather(1, n_kept - 1)
+    return torch.where(top_ps.unsqueeze(1) < 1.0, floor, _NEG_INF)
+
+
+def _top_p_floor(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """[B, 1] top_p floor over full rows, looking only as deep as each row's nucleus needs.
+
+    Every row first looks at its best 256 tokens; the rows whose nucleus goes deeper look at
+    4096, and only the rest are sorted in full (topk(4096) is ~1/5 of a sort at V = 49152).
+    """
+    logz = x.logsumexp(dim=-1, keepdim=True)
+    floor = torch.full_like(logz, _NEG_INF)
+    rows = torch.arange(x.shape[0], device=x.device)[batch.top_ps < 1.0]
+    V = x.shape[1]
+    for depth in [d for d in _TOP_P_DEPTHS if d < V] + [V]:
+        sub = x[rows] if len(rows) < x.shape[0] else x
+        values = sub.topk(depth, dim=-1).values if depth < V else sub.sort(dim=-1, descending=True).values
+        floor[rows] = _nucleus_floor(values, logz[rows], batch, rows)
+        rows = rows[(values - logz[rows]).exp().sum(dim=-1) < batch.top_ps[rows]]  # nucleus deeper than `depth`
+        if len(rows) == 0:
+            break
+    return floor
+
+
+def _min_p(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """prob >= min_p * max prob  <=>  logit >= max logit + log(min_p): no softmax needed."""
+    if batch.any_min_p:
+        x.masked_fill_(x < x.amax(dim=-1, keepdim=True) + batch.min_ps.log().unsqueeze(1), _NEG_INF)
+    return x
+
+
+def _race(probs: torch.Tensor, batch: SamplingBatch, idx: torch.Tensor | None) -> torch.Tensor:
+    """argmax(probs / E) per row, E ~ Exp(1): picks position j with probability probs[j].
+
+    A seeded row always draws V uniforms in token-id order from its own generator (and reads
+    them at its candidates `idx`), so its noise never depends on the rest of the batch. The
+    draw happens on the generator's device: a CPU generator gives the same noise whatever
+    device the logits are on.
+    """
+    noise = torch.rand_like(probs)
+    for row, gen in batch.seeded:
+        own = torch.rand(batch.vocab_size, generator=gen, device=gen.device).to(probs.device)
+        noise[row] = own if idx is None else own[idx[row]]
+    noise.log_().neg_()  # -log U > 0 since U < 1; U == 0 gives inf, i.e. that token loses
+    return probs.div_(noise).argmax(dim=-1)

@@ -34,6 +34,9 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False
+    # With prompt_logprobs: prompt positions before this one get None, so that prefix may come
+    # from the cache (SGLang's `logprob_start_len`; `select` scores only the choice tokens).
+    logprob_start_len: int = 0
     # Constrained decoding: at most one of these.
     json_schema: str | None = None
     regex: str | None = None
@@ -97,6 +100,7 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             _check(_finite(value) and -2 <= value <= 2, name, "must be in [-2, 2]", value)
+        _check(self.logprob_start_len >= 0, "logprob_start_len", "must be >= 0", self.logprob_start_len)
         _check(0 <= self.top_logprobs <= 20, "top_logprobs", "must be in [0, 20]", self.top_logprobs)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be >= 0", self.stop_token_ids)

@@ -171,17 +171,25 @@ class Worker:
         return batch, sample_rows, prompt_rows
 
     def _record_prompt_logprobs(self, prompt_rows, logits: torch.Tensor, scheduled: ScheduledBatch) -> None:
-        """Row at position p predicts token p + 1: that is prompt token p + 1's log-prob."""
+        """Row at position p predicts token p + 1: that is prompt token p + 1's log-prob.
+
+        The lists stay aligned with the prompt: tokens whose predicting position was not
+        computed here (token 0, a cached prefix before `logprob_start_len`) get None.
+        """
         for req, row, count, first_pos in prompt_rows:
-            if first_pos == 0:
-                req.prompt_logprobs.append(None)
-                req.prompt_top_logprobs.append([])
+            missing = first_pos + 1 - len(req.prompt_logprobs)
+            req.prompt_logprobs.extend([None] * missing)
+            req.prompt_top_logprobs.extend([] for _ in range(missing))
+            start = len(req.prompt_logprobs)  # the first prompt token still without a log-prob
             last = min(first_pos + count, len(req.prompt_ids) - 1)  # predictions that land inside the prompt
-            n = last - first_pos
+            n = last - start + 1
             if n <= 0:
                 continue
-            targets = torch.tensor(req.prompt_ids[first_pos + 1 : last + 1], device=logits.device)
-            chosen, top_ids, top_vals = prompt_logprobs(logits[row : row + n], targets, req.params.top_logprobs)
+            first_row = row + start - 1 - first_pos
+            targets = torch.tensor(req.prompt_ids[start : last + 1], device=logits.device)
+            chosen, top_ids, top_vals = prompt_logprobs(
+                logits[first_row : first_row + n], targets, req.params.top_logprobs
+            )
             req.prompt_logprobs.extend(chosen.tolist())
             req.prompt_top_logprobs.extend(
                 list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_vals.tolist())

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from radixrt.sampling import SamplingBatch, _apply_penalties, prompt_logprobs, sample
+from radixrt.sampling import SamplingBatch, _TOP_P_DEPTHS, _apply_penalties, _top_p_floor, prompt_logprobs, sample
 from radixrt.sampling_params import SamplingParams
 
 V = 64
@@ -83,17 +83,15 @@ def test_top_k_only_samples_among_the_k_best():
 
 
 def test_top_k_mixed_with_rows_without_top_k():
-    """The threshold path: rows with different k (and a row with none) each keep their own k."""
-    logits = rand_logits(1).expand(3, -1).contiguous()
-    params = [SamplingParams(top_k=3, temperature=5.0), SamplingParams(temperature=5.0), SamplingParams(top_k=7)]
-    seen = [set(), set(), set()]
-    for seed in range(300):
-        torch.manual_seed(seed)
-        for row, tok in enumerate(sample(logits, make_batch(params)).token_ids.tolist()):
-            seen[row].add(tok)
-    assert seen[0] == set(logits[0].topk(3).indices.tolist())
-    assert seen[2] <= set(logits[0].topk(7).indices.tolist())
-    assert len(seen[1]) > 7
+    """The threshold path: rows with different k (and rows with none) each keep their own k."""
+    n = 400
+    logits = rand_logits(1).expand(3 * n, -1).contiguous()
+    params = [SamplingParams(top_k=3, temperature=5.0), SamplingParams(temperature=5.0), SamplingParams(top_k=7)] * n
+    torch.manual_seed(0)
+    tokens = sample(logits, make_batch(params)).token_ids.view(n, 3)
+    assert set(tokens[:, 0].tolist()) == set(logits[0].topk(3).indices.tolist())
+    assert set(tokens[:, 2].tolist()) <= set(logits[0].topk(7).indices.tolist())
+    assert len(set(tokens[:, 1].tolist())) > 7
 
 
 def test_top_p_keeps_the_nucleus():
@@ -102,6 +100,22 @@ def test_top_p_keeps_the_nucleus():
     for top_k in (-1, 3):  # full sort and topk-candidate paths
         got = set(draw(logits, SamplingParams(top_p=0.7, top_k=top_k), 3000).tolist())
         assert got == {0, 1}, top_k
+
+
+def test_top_p_floor_equals_the_full_sort_nucleus():
+    """Without top_k, top_p looks 256 then 4096 tokens deep; a flat row needs the full sort."""
+    v = 8000
+    x = torch.randn(4, v, generator=torch.Generator().manual_seed(3))
+    x[0] *= 8  # peaked: the nucleus lies in the best 256
+    x[1] *= 0.1  # flat: 4096 tokens hold ~half the mass, so this row is sorted in full
+    top_ps = [0.9, 0.9, 0.5, 1.0]  # row 2 (std 1, top_p 0.5) stops at 4096
+    batch = make_batch([SamplingParams(top_p=p) for p in top_ps], vocab=v)
+    floor = _top_p_floor(x, batch)
+    for row, top_p in enumerate(top_ps):
+        probs, order = x[row].softmax(-1).sort(descending=True)
+        n_kept = int(((probs.cumsum(0) - probs) < top_p).sum()) if top_p < 1 else v
+        assert set(torch.nonzero(x[row] >= floor[row]).squeeze(1).tolist()) == set(order[:n_kept].tolist())
+    assert _TOP_P_DEPTHS[-1] < int((x[1] >= floor[1]).sum()) < v
 
 
 def test_temperature_one_matches_softmax():
@@ -197,19 +211,22 @@ def test_min_new_tokens_yields_to_a_grammar_that_only_allows_eos():
 
 
 def test_allowed_mask_is_never_violated_and_all_true_rows_are_unaffected():
-    logits = rand_logits(4)
+    n = 200
+    logits = rand_logits(4).repeat(n, 1)
     allowed = torch.ones(4, V, dtype=torch.bool)
     allowed[0] = False
     allowed[0, [3, 17, 40]] = True
     allowed[2] = torch.arange(V) % 2 == 1
-    params = [SamplingParams(temperature=2.0), SamplingParams(temperature=1.0), SamplingParams(), SamplingParams(temperature=0.0)]
-    for seed in range(200):
-        torch.manual_seed(seed)
-        masked = sample(logits, make_batch(params), allowed).token_ids
-        torch.manual_seed(seed)
-        free = sample(logits, make_batch(params)).token_ids
-        assert int(masked[0]) in {3, 17, 40} and int(masked[2]) % 2 == 1
-        assert masked[1] == free[1] and masked[3] == free[3]
+    allowed = allowed.repeat(n, 1)
+    kinds = [SamplingParams(temperature=2.0), SamplingParams(), SamplingParams(top_k=20), SamplingParams(temperature=0)]
+    batch = make_batch(kinds * n)
+    torch.manual_seed(0)
+    masked = sample(logits, batch, allowed).token_ids.view(n, 4)
+    torch.manual_seed(0)
+    free = sample(logits, batch).token_ids.view(n, 4)
+    assert set(masked[:, 0].tolist()) == {3, 17, 40}
+    assert (masked[:, 2] % 2 == 1).all()
+    assert torch.equal(masked[:, 1], free[:, 1]) and torch.equal(masked[:, 3], free[:, 3])
 
 
 def test_logprobs_are_of_the_raw_distribution():

@@ -113,7 +113,9 @@ class RadixCache(PrefixCache):
     def _whole_pages(self, token_ids: Sequence[int]) -> tuple[int, ...]:
         if hasattr(token_ids, "tolist"):  # a tensor or an array
             token_ids = token_ids.tolist()
-        return tuple(token_ids[: len(token_ids) // self.page_size * self.page_size])
+        tokens = tuple(token_ids)  # free when token_ids is already a tuple
+        n = len(tokens) // self.page_size * self.page_size
+        return tokens if n == len(tokens) else tokens[:n]
 
     def _walk(self, root: _Root, tokens: tuple[int, ...]) -> tuple[_Node, int]:
         """Follow tokens down from root, touching each node on the way; split the edge where
@@ -144,7 +146,7 @@ class RadixCache(PrefixCache):
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if key[: mid * ps] == tokens[pos : pos + mid * ps]:
-                lo = mid; break
+                lo = mid
             else:
                 hi = mid - 1
         return lo
@@ -167,7 +169,7 @@ class RadixCache(PrefixCache):
         while node.parent is not None:
             runs.append(node.pages)
             node = node.parent
-        return [p for run in reversed(runs) for p in run]
+        return list(itertools.chain.from_iterable(reversed(runs)))
 
     # -- locks and eviction ------------------------------------------------------------------
 

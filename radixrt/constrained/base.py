@@ -118,8 +118,12 @@ class GrammarBackend(ABC):
 
     name: str = ""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int] | None = None) -> None:
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int] | None = None,
+                 preprocess: bool = True) -> None:
         self.tokenizer = tokenizer
+        # Normalize JSON schemas and refuse keywords the engine would ignore (schema.py), make
+        # regex classes ASCII (regex.py). False hands specs to the engine untouched (benchmarks).
+        self.preprocess = preprocess
         self.vocab_size = vocab_size
         if stop_token_ids is None:
             stop_token_ids = [tokenizer.eos_token_id]
@@ -139,6 +143,22 @@ class GrammarBackend(ABC):
         except Exception as exc:  # the engines raise RuntimeError/ValueError with their own text
             raise GrammarError(f"{self.name}: invalid {kind}: {_one_line(exc)}") from exc
         return CompiledGrammar(self.name, kind, spec, handle, time.perf_counter() - start)
+
+    def _schema(self, spec: str) -> str:
+        """The json_schema spec to hand the engine: normalized, and refused if it uses a keyword
+        the engine would ignore (schema.py)."""
+        from .schema import check, normalize
+
+        if not self.preprocess:
+            return spec
+        schema = normalize(parse_schema(spec))
+        check(schema, self.name)
+        return json.dumps(schema)
+
+    def _regex(self, spec: str) -> str:
+        from .regex import ascii_classes
+
+        return ascii_classes(spec) if self.preprocess else spec
 
     @abstractmethod
     def _compile(self, kind: str, spec: str) -> Any: ...

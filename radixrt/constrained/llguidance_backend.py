@@ -11,8 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, parse_choices, parse_schema
-from .features import check_schema
+from .base import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, parse_choices
 from .vocab import decode_complete_utf8
 
 try:
@@ -57,18 +56,18 @@ class LLGuidanceMatcher(GrammarMatcher):
 class LLGuidanceBackend(GrammarBackend):
     name = "llguidance"
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int] | None = None) -> None:
-        super().__init__(tokenizer, vocab_size, stop_token_ids)
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int] | None = None,
+                 preprocess: bool = True) -> None:
+        super().__init__(tokenizer, vocab_size, stop_token_ids, preprocess)
         self._tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(self.stop_token_ids))
 
     def _compile(self, kind: str, spec: str) -> Any:
         if kind == "json_schema":
-            check_schema(parse_schema(spec), self.name)
-            grammar = llg.LLMatcher.grammar_from_json_schema(spec, overrides=_JSON_OPTIONS)
+            grammar = llg.LLMatcher.grammar_from_json_schema(self._schema(spec), overrides=_JSON_OPTIONS)
         elif kind == "json_object":
             grammar = llg.LLMatcher.grammar_from_json_schema('{"type": "object"}', overrides=_JSON_OPTIONS)
         elif kind == "regex":
-            grammar = llg.LLMatcher.grammar_from_regex(spec)
+            grammar = llg.LLMatcher.grammar_from_regex(self._regex(spec))
         elif kind == "ebnf":
             grammar = llg.grammar_from("ebnf", spec)  # GBNF (`root ::= ...`) or Lark
         else:

@@ -13,8 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, _bit, parse_choices, parse_schema
-from .features import check_schema
+from .base import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, _bit, parse_choices
 from .vocab import decode_complete_utf8, token_bytes
 
 try:
@@ -61,16 +60,20 @@ class OutlinesMatcher(GrammarMatcher):
     def _jump_forward(self) -> str:
         """Follow the DFA while exactly one byte can come next.
 
-        If a token starting with byte b is allowed, the one-byte token b is allowed too (its
-        state lies on the longer token's path), so probing the 256 one-byte tokens is enough.
+        If a token starting with byte b is allowed, so is the one-byte token b (its state lies
+        on the longer token's path), so probing one token per byte is enough. A byte without a
+        one-byte token is probed through every token starting with it, and ends the jump.
         """
-        singles, index = self._c.single_byte_tokens, self._c.index
-        if singles is None:
-            return ""
-        state, out = self._guide.get_state(), bytearray()
+        index, state, out = self._c.index, self._guide.get_state(), bytearray()
         while len(out) < _MAX_JUMP_BYTES and not index.is_final_state(state):
-            nexts = [(b, s) for b, t in enumerate(singles) if (s := index.get_next_state(state, t)) is not None]
-            if len(nexts) != 1:
+            nexts = []
+            for byte, tokens, single in self._c.probes:
+                reached = [s for t in tokens if (s := index.get_next_state(state, t)) is not None]
+                if reached:
+                    nexts.append((byte, reached[0] if single else None))
+                    if len(nexts) > 1:
+                        break
+            if len(nexts) != 1 or nexts[0][1] is None:
                 break
             out.append(nexts[0][0])
             state = nexts[0][1]
@@ -78,38 +81,41 @@ class OutlinesMatcher(GrammarMatcher):
 
 
 class _Compiled:
-    def __init__(self, index: "oc.Index", single_byte_tokens: list[int] | None) -> None:
+    def __init__(self, index: "oc.Index", probes: list[tuple[int, list[int], bool]]) -> None:
         self.index = index
-        self.single_byte_tokens = single_byte_tokens
+        self.probes = probes  # (byte, [its one-byte token] or [every token starting with it], single)
 
 
 class OutlinesBackend(GrammarBackend):
     name = "outlines"
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int] | None = None) -> None:
-        super().__init__(tokenizer, vocab_size, stop_token_ids)
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int] | None = None,
+                 preprocess: bool = True) -> None:
+        super().__init__(tokenizer, vocab_size, stop_token_ids, preprocess)
         by_bytes: dict[bytes, list[int]] = {}
         for tid, data in enumerate(token_bytes(tokenizer, vocab_size)):
             if data is not None and tid not in self.stop_token_ids:
                 by_bytes.setdefault(data, []).append(tid)
         self._vocab = oc.Vocabulary(self.stop_token_ids[0], by_bytes)
-        singles = [by_bytes.get(bytes([b]), [None])[0] for b in range(256)]
-        self._singles = None if None in singles else singles
+        starting: dict[int, list[int]] = {}
+        for data, ids in by_bytes.items():
+            starting.setdefault(data[0], []).append(ids[0])
+        self._probes = [(b, by_bytes[bytes([b])][:1], True) if bytes([b]) in by_bytes else (b, starting[b], False)
+                        for b in sorted(starting)]
 
     def _compile(self, kind: str, spec: str) -> Any:
         if kind == "json_schema":
-            check_schema(parse_schema(spec), self.name)
-            regex = build_regex_from_schema(spec)
+            regex = self._regex(build_regex_from_schema(self._schema(spec)))  # its date formats use \d
         elif kind == "json_object":
             regex = build_regex_from_schema('{"type": "object"}')
         elif kind == "regex":
-            regex = spec
+            regex = self._regex(spec)
         elif kind == "ebnf":
             raise GrammarError("outlines: EBNF grammars are not supported (outlines-core compiles regular "
                                "languages only); use the xgrammar or llguidance backend")
         else:
             regex = "|".join("".join("\\" + ch if ch in _REGEX_META else ch for ch in c) for c in parse_choices(spec))
-        return _Compiled(oc.Index(regex, self._vocab), self._singles)
+        return _Compiled(oc.Index(regex, self._vocab), self._probes)
 
     def matcher(self, compiled: CompiledGrammar) -> OutlinesMatcher:
         if compiled.backend != self.name:

@@ -58,10 +58,11 @@ def token_bytes(tokenizer, vocab_size: int | None = None) -> list[bytes | None]:
 
 
 def decode_complete_utf8(data: bytes) -> str:
-    """Decode, dropping an incomplete multi-byte character at the end (it is not forced yet)."""
-    for cut in range(min(4, len(data)) + 1):
+    """Decode forced bytes, dropping an incomplete character at the end (not forced yet).
+    '' if they start inside a character: that text cannot be expressed as a str."""
+    for cut in range(min(3, len(data)) + 1):
         try:
             return data[: len(data) - cut].decode("utf-8")
         except UnicodeDecodeError:
             continue
-    return data.decode("utf-8", errors="ignore")
+    return ""

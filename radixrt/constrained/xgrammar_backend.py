@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, parse_choices, parse_schema
-from .features import check_schema
+from .base import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, parse_choices
+from .vocab import token_bytes
 
 try:
     import xgrammar as xgr
@@ -43,29 +43,36 @@ class XGrammarMatcher(GrammarMatcher):
         return XGrammarMatcher(self._m.fork(), self._stop_ids, self._vocab_size)
 
     def _jump_forward(self) -> str:
-        return self._m.find_jump_forward_string()
+        try:
+            return self._m.find_jump_forward_string()
+        except UnicodeDecodeError:  # the forced bytes start or end inside a character
+            return ""
 
 
 class XGrammarBackend(GrammarBackend):
     name = "xgrammar"
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int] | None = None,
-                 max_threads: int = 1) -> None:
-        super().__init__(tokenizer, vocab_size, stop_token_ids)
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                  stop_token_ids=list(self.stop_token_ids))
+                 preprocess: bool = True, max_threads: int = 1) -> None:
+        super().__init__(tokenizer, vocab_size, stop_token_ids, preprocess)
+        # Our own byte table, not from_huggingface: that one misses special tokens that
+        # transformers does not list (SmolLM2's <reponame>, <file_sep>, ...) and lets them be
+        # generated as text. An empty entry is a special token to xgrammar: never allowed.
+        vocab = [data or b"" for data in token_bytes(tokenizer, vocab_size)]
+        info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size,
+                                 stop_token_ids=list(self.stop_token_ids))
         # Our own LRU (compiler.py) caches compiled grammars; xgrammar's cache is kept small.
         self._compiler = xgr.GrammarCompiler(info, max_threads=max_threads, cache_enabled=False)
 
     def _compile(self, kind: str, spec: str) -> Any:
         c = self._compiler
         if kind == "json_schema":
-            check_schema(parse_schema(spec), self.name)
-            return c.compile_json_schema(spec, any_whitespace=False, separators=(", ", ": "), strict_mode=True)
+            return c.compile_json_schema(self._schema(spec), any_whitespace=False, separators=(", ", ": "), strict_mode=True)
         if kind == "json_object":
-            return c.compile_builtin_json_grammar()
+            return c.compile_json_schema('{"type": "object"}', any_whitespace=False, separators=(", ", ": "),
+                                         strict_mode=False)  # strict would allow only {}
         if kind == "regex":
-            return c.compile_regex(spec)
+            return c.compile_regex(self._regex(spec))
         if kind == "ebnf":
             return c.compile_grammar(spec)
         choices = parse_choices(spec)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# A bare config (e.g. read from a GGUF) may name only its model_type.
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 class UnsupportedModelError(ValueError):
@@ -36,10 +38,10 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Build from a parsed config.json; raise UnsupportedModelError for other families."""
-        archs = hf.get("architectures") or []
+        archs = hf.get("architectures") or [_BY_MODEL_TYPE.get(hf.get("model_type"), "")]
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
-            named = ", ".join(archs) or f"model_type={hf.get('model_type')!r}"
+            named = ", ".join(a for a in archs if a) or f"model_type={hf.get('model_type')!r}"
             raise UnsupportedModelError(
                 f"unsupported architecture {named}; radixrt supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )

@@ -6,6 +6,8 @@ so a request with no cache hits still runs eventually.
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from radixrt.cache.base import PrefixCache
 from radixrt.request import Req
 
@@ -40,8 +42,45 @@ class LongestPrefixMatch(Policy):
         return sorted(waiting, key=lambda r: -lengths[id(r)])
 
 
+class DFSWeight(Policy):
+    """SGLang's DFS weight: walk the tree depth first, heaviest subtree (most waiting requests) first.
+
+    Requests that share a cached subtree run back to back, so that subtree stays hot while
+    they use it, and a large group of sharers goes before a lone request.
+    """
+
+    name = "dfs-weight"
+
+    def rank(self, waiting: list[Req]) -> list[Req]:
+        if not self.cache.enabled:
+            return waiting
+        at_node: dict[int, list[Req]] = defaultdict(list)
+        nodes: dict[int, object] = {}
+        for r in waiting:
+            node = self.cache.match_prefix(r.token_ids, r.params.cache_salt, record=False).node
+            at_node[id(node)].append(r)
+            nodes[id(node)] = node
+        weight: dict[int, int] = defaultdict(int)
+        roots: dict[int, object] = {}
+        for key, reqs in at_node.items():
+            node = nodes[key]
+            while node is not None:  # every ancestor carries the requests below it
+                weight[id(node)] += len(reqs)
+                if node.parent is None:
+                    roots[id(node)] = node
+                node = node.parent
+        ordered: list[Req] = []
+        stack = sorted(roots.values(), key=lambda n: weight[id(n)])
+        while stack:
+            node = stack.pop()
+            ordered.extend(at_node.get(id(node), ()))
+            children = [c for c in node.children.values() if weight.get(id(c))]
+            stack.extend(sorted(children, key=lambda n: weight[id(n)]))  # heaviest popped first
+        return ordered
+
+
 def make_policy(name: str, cache: PrefixCache, starvation_timeout_s: float) -> Policy:
-    policies = {p.name: p for p in (Policy, LongestPrefixMatch)}
+    policies = {p.name: p for p in (Policy, LongestPrefixMatch, DFSWeight)}
     if name not in policies:
         raise ValueError(f"unknown schedule policy {name!r}; choose from {', '.join(policies)}")
     return policies[name](cache, starvation_timeout_s)

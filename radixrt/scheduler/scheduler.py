@@ -153,11 +153,7 @@ class Scheduler:
 
     def _attach_prefix(self, req: Req) -> None:
         """Point a waiting request at its longest cached prefix and lock it."""
-        if req.params.prompt_logprobs and not req.admitted_once:
-            match = self.cache.match_prefix([], req.params.cache_salt)  # needs logits of every prompt token
-        else:
-            # Leave at least one token to compute: its logits pick the next token.
-            match = self.cache.match_prefix(req.token_ids[:-1], req.params.cache_salt)
+        match = self.cache.match_prefix(req.token_ids[: _cacheable_len(req)], req.params.cache_salt)
         self.cache.lock(match.node)
         req.cache_node = match.node
         req.page_table = list(match.pages)
@@ -197,3 +193,17 @@ class Scheduler:
         req.cache_node = match.node
         req.page_table[:full] = match.pages
         req.num_tree_pages = full
+
+
+def _cacheable_len(req: Req) -> int:
+    """How many leading tokens of req may come from the prefix cache.
+
+    At least one token is left to compute: its logits pick the next token. A request that
+    wants prompt log-probs needs the logits at position t - 1 for each prompt token t it
+    still lacks (from `logprob_start_len` on), so the cache may serve only what comes before.
+    """
+    limit = req.num_tokens - 1
+    if req.params.prompt_logprobs and len(req.prompt_logprobs) < len(req.prompt_ids):
+        first_needed = max(req.params.logprob_start_len, len(req.prompt_logprobs))
+        limit = min(limit, max(first_needed - 1, 0))
+    return limit

@@ -1,0 +1,28 @@
+// Python bindings of the radixrt CPU kernels (built by radixrt/_native.py).
+
+#include <torch/extension.h>
+
+namespace radixrt {
+void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& qo_indptr, const at::Tensor& kv_indptr, const at::Tensor& kv_indices,
+                     const at::Tensor& kv_lens, at::Tensor& out, double scale, bool simd);
+void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
+              const at::Tensor& slots);
+}  // namespace radixrt
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "radixrt native CPU kernels";
+  m.def("paged_attention", &radixrt::paged_attention, "causal attention over paged KV (decode and prefill)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("qo_indptr"), py::arg("kv_indptr"),
+        py::arg("kv_indices"), py::arg("kv_lens"), py::arg("out"), py::arg("scale"), py::arg("simd") = true,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("store_kv", &radixrt::store_kv, "write new K/V rows into their page slots", py::arg("k"), py::arg("v"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::call_guard<py::gil_scoped_release>());
+  m.attr("has_avx512") = bool(
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      true
+#else
+      false
+#endif
+  );
+}

@@ -1,0 +1,317 @@
+// Paged attention over ragged page tables, for decode and prefill (on top of cached KV) alike.
+//
+// Layout (NHD pages, as in radixrt/cache/page_pool.py and flashinfer):
+//
+//   k_cache, v_cache: [num_pages, page_size, num_kv_heads, head_dim]
+//   request b:  queries  q[qo_indptr[b] : qo_indptr[b+1]]              ([T, H, D] overall)
+//               pages    kv_indices[kv_indptr[b] : kv_indptr[b+1]]
+//               keys     kv_len[b] = prefix (cached before this step) + its new tokens
+//   key i of b lives at  page = kv_indices[kv_indptr[b] + i / page_size], row i % page_size.
+//
+// Query t (0-based within b's new tokens) sees keys [0, prefix + t]: the causal mask offset by
+// the cached prefix. One pass with an online softmax (running max m, running sum l, unnormalized
+// output acc) over blocks of up to kBlock keys, reading K/V straight from the pages.
+//
+// Work is split into tasks, handed out dynamically to torch's intra-op threads:
+//   - decode (one query): one task per request over all KV heads, so each key block reads whole
+//     contiguous page rows; long sequences with few requests are split along the keys and the
+//     partial (m, l, acc) merged afterwards (flash-decoding).
+//   - prefill: one task per (request, KV head, block of kQBlock queries).
+// Within a task the G = H / H_kv query heads sharing a KV head are processed together, so every
+// key row fetched from memory serves G (decode) or G * kQBlock (prefill) queries.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+namespace radixrt {
+namespace {
+
+constexpr int kBlock = 32;   // keys per online-softmax step
+constexpr int kQBlock = 16;  // prefill queries per task
+constexpr int kMinSplit = 256;  // fewest keys worth a separate decode split
+#ifndef RADIXRT_PREFETCH
+#define RADIXRT_PREFETCH 0
+#endif
+constexpr bool kPrefetch = RADIXRT_PREFETCH;
+
+struct Task {
+  int b;
+  int h0, h1;    // KV heads [h0, h1)
+  int q0, q1;    // queries of b, 0-based within its new tokens
+  int kv0, kv1;  // keys [kv0, kv1) (a split of a decode request; else the whole range)
+  int partial;   // >= 0: index of the split's slot in the partial-result workspace
+  int64_t cost;
+};
+
+struct Problem {
+  int H, Hkv, G, D, page_size;
+  int64_t q_s0, q_s1;          // query strides (tokens, heads), elements
+  int64_t kv_s_token;          // cache stride between key rows (= Hkv * D)
+  const int32_t* qo_indptr;
+  const int32_t* kv_indptr;
+  const int32_t* kv_indices;
+  const int32_t* kv_lens;
+  float scale;
+  bool simd;
+};
+
+// Per-thread scratch, sized for the largest task.
+template <typename T>
+struct Scratch {
+  std::vector<float> q, m, l, acc, s, kbuf, vbuf;
+  std::vector<const float*> krow, vrow;
+  std::vector<const T*> krow_t, vrow_t;
+  std::vector<int64_t> base;
+  Scratch(int rows, int D)
+      : q(size_t(rows) * D), m(rows), l(rows), acc(size_t(rows) * D), s(kMaxGroup * kBlock),
+        kbuf(size_t(kBlock) * D), vbuf(size_t(kBlock) * D), krow(kBlock), vrow(kBlock), krow_t(kBlock), vrow_t(kBlock),
+        base(2 * kBlock) {}
+};
+
+template <typename T>
+void run_task(const Problem& p, const Task& t, const T* q, const T* kc, const T* vc, T* out, float* partial,
+              Scratch<T>& sc) {
+  const int D = p.D, G = p.G, nq = t.q1 - t.q0;
+  const int q_start = p.qo_indptr[t.b];
+  const int qlen = p.qo_indptr[t.b + 1] - q_start;
+  const int prefix = p.kv_lens[t.b] - qlen;
+  const int32_t* pages = p.kv_indices + p.kv_indptr[t.b];
+  const int rows_per_head = nq * G;
+  const int rows = (t.h1 - t.h0) * rows_per_head;
+  const bool direct = has_direct_path(D, p.simd);
+
+  // Row r = ((hk - h0) * nq + qi) * G + g  <->  query token q_start + q0 + qi, head hk * G + g.
+  for (int hk = t.h0; hk < t.h1; ++hk)
+    for (int qi = 0; qi < nq; ++qi)
+      for (int g = 0; g < G; ++g) {
+        int r = ((hk - t.h0) * nq + qi) * G + g;
+        const T* src = q + (q_start + t.q0 + qi) * p.q_s0 + (hk * G + g) * p.q_s1;
+        float* dst = sc.q.data() + size_t(r) * D;
+        for (int i = 0; i < D; ++i) dst[i] = to_f32(src[i]) * p.scale;
+      }
+  std::fill(sc.m.begin(), sc.m.begin() + rows, kNegInf);
+  std::fill(sc.l.begin(), sc.l.begin() + rows, 0.f);
+  std::fill(sc.acc.begin(), sc.acc.begin() + size_t(rows) * D, 0.f);
+
+  const int kv_end = std::min(t.kv1, prefix + t.q1);  // the last query's causal limit
+  auto block_bases = [&](int kb, int64_t* base) {  // element offset of each key row of the block
+    const int n = std::min(kBlock, kv_end - kb);
+    int page = kb / p.page_size, row = kb % p.page_size;  // one division per block, not per key
+    for (int j = 0; j < n; ++j) {
+      base[j] = (int64_t(pages[page]) * p.page_size + row) * p.kv_s_token;
+      if (++row == p.page_size) row = 0, ++page;
+    }
+    return n;
+  };
+  // Prefetch the next block's rows (the heads this task reads) while this one computes: page
+  // hops defeat the hardware prefetcher, and a decode is bound by how fast keys arrive.
+  const int64_t pf_begin = int64_t(t.h0) * D * sizeof(T), pf_bytes = int64_t(t.h1 - t.h0) * D * sizeof(T);
+  int64_t* base = sc.base.data();
+  int64_t* next = sc.base.data() + kBlock;
+  if (t.kv0 < kv_end) block_bases(t.kv0, base);
+  for (int kb = t.kv0; kb < kv_end; kb += kBlock) {
+    const int n = std::min(kBlock, kv_end - kb);
+    if (kPrefetch && kb + kBlock < kv_end) {
+      const int n_next = block_bases(kb + kBlock, next);
+      for (int j = 0; j < n_next; ++j) {
+        const char* kp = reinterpret_cast<const char*>(kc + next[j]) + pf_begin;
+        const char* vp = reinterpret_cast<const char*>(vc + next[j]) + pf_begin;
+        for (int64_t off = 0; off < pf_bytes; off += 64) {
+          __builtin_prefetch(kp + off);
+          __builtin_prefetch(vp + off);
+        }
+      }
+    }
+    for (int hk = t.h0; hk < t.h1; ++hk) {
+      const int64_t head_off = int64_t(hk) * D;
+      const float* const* krow = sc.krow.data();
+      const float* const* vrow = sc.vrow.data();
+      if (direct || std::is_same_v<T, float>) {  // read rows in place
+        for (int j = 0; j < n; ++j) {
+          sc.krow_t[j] = kc + base[j] + head_off;
+          sc.vrow_t[j] = vc + base[j] + head_off;
+        }
+        if constexpr (std::is_same_v<T, float>) {
+          krow = reinterpret_cast<const float* const*>(sc.krow_t.data());
+          vrow = reinterpret_cast<const float* const*>(sc.vrow_t.data());
+        }
+      } else {  // widen the block once for the portable loops; every query row of this head reuses it
+        for (int j = 0; j < n; ++j) {
+          float* kd = sc.kbuf.data() + size_t(j) * D;
+          float* vd = sc.vbuf.data() + size_t(j) * D;
+          row_to_f32(kc + base[j] + head_off, kd, D, p.simd);
+          row_to_f32(vc + base[j] + head_off, vd, D, p.simd);
+          sc.krow[j] = kd;
+          sc.vrow[j] = vd;
+        }
+      }
+      for (int qi = 0; qi < nq; ++qi) {
+        const int visible = std::min(n, prefix + t.q0 + qi + 1 - kb);  // keys of this block it sees
+        if (visible <= 0) continue;
+        const int r = ((hk - t.h0) * nq + qi) * G;  // its G rows, one per query head of this KV head
+        float* qr = sc.q.data() + size_t(r) * D;
+        float* acc = sc.acc.data() + size_t(r) * D;
+        if (direct)
+          attend_rows_direct<T>(qr, G, sc.krow_t.data(), sc.vrow_t.data(), visible, D, sc.m.data() + r,
+                                sc.l.data() + r, acc, sc.s.data(), kBlock);
+        else
+          attend_rows(qr, G, krow, vrow, visible, D, sc.m.data() + r, sc.l.data() + r, acc, sc.s.data(), kBlock,
+                      p.simd);
+      }
+    }
+    std::swap(base, next);
+  }
+
+  for (int hk = t.h0; hk < t.h1; ++hk)
+    for (int qi = 0; qi < nq; ++qi)
+      for (int g = 0; g < G; ++g) {
+        const int r = ((hk - t.h0) * nq + qi) * G + g;
+        const float* a = sc.acc.data() + size_t(r) * D;
+        const int head = hk * G + g;
+        if (t.partial >= 0) {  // split: keep (m, l, acc) for the merge
+          float* dst = partial + (size_t(t.partial) * p.H + head) * (D + 2);
+          dst[0] = sc.m[r];
+          dst[1] = sc.l[r];
+          std::memcpy(dst + 2, a, sizeof(float) * D);
+        } else {
+          const float inv = 1.f / sc.l[r];
+          T* dst = out + (int64_t(q_start + t.q0 + qi) * p.H + head) * D;
+          for (int i = 0; i < D; ++i) dst[i] = from_f32<T>(a[i] * inv);
+        }
+      }
+}
+
+// out[request's token] = merge of its splits' (m, l, acc), per head.
+template <typename T>
+void merge_splits(const Problem& p, int b, int first, int count, const float* partial, T* out) {
+  const int D = p.D;
+  T* dst_tok = out + int64_t(p.qo_indptr[b]) * p.H * D;
+  std::vector<float> acc(D);
+  for (int h = 0; h < p.H; ++h) {
+    float m = kNegInf;
+    for (int i = 0; i < count; ++i) m = std::max(m, partial[(size_t(first + i) * p.H + h) * (D + 2)]);
+    float l = 0.f;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int i = 0; i < count; ++i) {
+      const float* src = partial + (size_t(first + i) * p.H + h) * (D + 2);
+      if (src[1] == 0.f) continue;
+      const float w = std::exp(src[0] - m);
+      l += src[1] * w;
+      for (int d = 0; d < D; ++d) acc[d] += src[2 + d] * w;
+    }
+    for (int d = 0; d < D; ++d) dst_tok[int64_t(h) * D + d] = from_f32<T>(acc[d] / l);
+  }
+}
+
+template <typename T>
+void run(const Problem& p, int batch, const T* q, const T* kc, const T* vc, T* out) {
+  const int nthreads = std::max(1, at::get_num_threads());
+  int num_decode = 0;
+  for (int b = 0; b < batch; ++b) num_decode += p.qo_indptr[b + 1] - p.qo_indptr[b] == 1;
+  // Split decode keys only when there are too few requests to keep every thread busy.
+  const int want_tasks = 4 * nthreads;
+  const int split_goal = num_decode > 0 && num_decode < want_tasks ? (want_tasks + num_decode - 1) / num_decode : 1;
+
+  std::vector<Task> tasks;
+  std::vector<std::array<int, 3>> merges;  // (request, first partial slot, count)
+  int num_partial = 0;
+  int max_rows = p.H;
+  for (int b = 0; b < batch; ++b) {
+    const int qlen = p.qo_indptr[b + 1] - p.qo_indptr[b];
+    const int kv_len = p.kv_lens[b];
+    if (qlen == 0) continue;
+    TORCH_CHECK(kv_len >= qlen, "request ", b, " has ", qlen, " new tokens but only ", kv_len, " keys");
+    if (qlen == 1) {
+      const int splits = std::max(1, std::min(split_goal, kv_len / kMinSplit));
+      if (splits == 1) {
+        tasks.push_back({b, 0, p.Hkv, 0, 1, 0, kv_len, -1, int64_t(kv_len) * p.Hkv});
+        continue;
+      }
+      const int chunk = (kv_len + splits - 1) / splits;
+      int count = 0;
+      for (int lo = 0; lo < kv_len; lo += chunk, ++count) {
+        const int hi = std::min(kv_len, lo + chunk);
+        tasks.push_back({b, 0, p.Hkv, 0, 1, lo, hi, num_partial + count, int64_t(hi - lo) * p.Hkv});
+      }
+      merges.push_back({b, num_partial, count});
+      num_partial += count;
+      continue;
+    }
+    const int prefix = kv_len - qlen;
+    max_rows = std::max(max_rows, kQBlock * p.G);
+    for (int hk = 0; hk < p.Hkv; ++hk)
+      for (int q0 = 0; q0 < qlen; q0 += kQBlock) {
+        const int q1 = std::min(qlen, q0 + kQBlock);
+        tasks.push_back({b, hk, hk + 1, q0, q1, 0, kv_len, -1, int64_t(q1 - q0) * (prefix + q1)});
+      }
+  }
+  // Longest first, then dynamic hand-out: ragged lengths still finish together.
+  std::sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  std::vector<float> partial(size_t(num_partial) * p.H * (p.D + 2));
+
+  std::atomic<int> next{0};
+  const int workers = std::min<int>(nthreads, int(tasks.size()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch<T> sc(max_rows, p.D);
+    for (int i = next.fetch_add(1); i < int(tasks.size()); i = next.fetch_add(1))
+      run_task(p, tasks[i], q, kc, vc, out, partial.data(), sc);
+  });
+  if (!merges.empty()) {
+    at::parallel_for(0, int64_t(merges.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) merge_splits(p, merges[i][0], merges[i][1], merges[i][2], partial.data(), out);
+    });
+  }
+}
+
+}  // namespace
+
+// q: [T, H, D] (rows may be strided); k_cache, v_cache: [P, page_size, Hkv, D] contiguous;
+// index tensors int32 on the CPU; out: [T, H, D] contiguous, same dtype as q and the caches.
+void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& qo_indptr, const at::Tensor& kv_indptr, const at::Tensor& kv_indices,
+                     const at::Tensor& kv_lens, at::Tensor& out, double scale, bool simd) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad q / cache shapes");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.is_contiguous() && v_cache.is_contiguous() && out.is_contiguous(),
+              "q rows, the caches and out must be contiguous in head_dim");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && out.scalar_type() == q.scalar_type() &&
+                  v_cache.scalar_type() == q.scalar_type(),
+              "q, caches and out must share a dtype");
+  for (const at::Tensor* t : {&qo_indptr, &kv_indptr, &kv_indices, &kv_lens})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "index tensors must be contiguous int32");
+  const int H = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && H % Hkv == 0, "head shapes do not match");
+  const int batch = kv_lens.numel();
+  TORCH_CHECK(qo_indptr.numel() == batch + 1 && kv_indptr.numel() == batch + 1, "indptr sizes do not match");
+
+  Problem p{H, Hkv, H / Hkv, D, int(k_cache.size(1)), q.stride(0), q.stride(1), int64_t(Hkv) * D,
+            qo_indptr.data_ptr<int32_t>(), kv_indptr.data_ptr<int32_t>(), kv_indices.data_ptr<int32_t>(),
+            kv_lens.data_ptr<int32_t>(), float(scale), simd};
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      run<float>(p, batch, q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                 out.data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      run<c10::BFloat16>(p, batch, q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
+                         v_cache.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>());
+      break;
+    case at::kHalf:
+      run<c10::Half>(p, batch, q.data_ptr<c10::Half>(), k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(),
+                     out.data_ptr<c10::Half>());
+      break;
+    default:
+      TORCH_CHECK(false, "paged_attention supports float32, bfloat16 and float16, not ", q.scalar_type());
+  }
+}
+
+}  // namespace radixrt

@@ -1,0 +1,142 @@
+"""`radixrt generate | chat | serve | bench`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from radixrt.config import ATTENTION_BACKENDS, DTYPES, POLICIES, EngineConfig
+from radixrt.server.launch import add_server_args
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that loads a model; each maps onto an EngineConfig field."""
+    d = EngineConfig()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="weights and KV dtype (default: %(default)s)")
+    g.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    g.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page (default: %(default)s)")
+    g.add_argument("--kv-memory-gb", type=float, default=d.kv_memory_gb, help="KV page pool budget in GiB (default: %(default)s)")
+    g.add_argument("--max-running-requests", type=int, default=d.max_running_requests, help="max batch size (default: %(default)s)")
+    g.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size, help="prefill tokens per step (default: %(default)s)")
+    g.add_argument("--max-context-len", type=int, default=None, help="cap on prompt + output tokens (default: the model's)")
+    g.add_argument("--schedule-policy", default=d.schedule_policy, choices=POLICIES, help="waiting-queue order (default: %(default)s)")
+    g.add_argument("--disable-radix-cache", action="store_true", help="turn the prefix cache off (for comparison)")
+    g.add_argument("--starvation-timeout-s", type=float, default=d.starvation_timeout_s, help="age after which a waiting request goes first (default: %(default)s)")
+    g.add_argument("--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS, help="default: %(default)s")
+    g.add_argument("--grammar-backend", default=d.grammar_backend, help="constrained decoding engine (default: %(default)s)")
+    g.add_argument("--num-threads", type=int, default=None, help="torch threads in the worker (default: torch's)")
+    g.add_argument("--seed", type=int, default=d.seed, help="global random seed (default: %(default)s)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="default: %(default)s")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, help="default: %(default)s")
+    g.add_argument("--top-k", type=int, default=-1, help="-1 = off (default: %(default)s)")
+    g.add_argument("--seed-per-request", dest="request_seed", type=int, default=None, help="sampling seed")
+
+
+def sampling_params(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.request_seed,
+    }
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from radixrt.engine import Engine
+
+    with Engine(**dataclasses.asdict(engine_config(args))) as engine:
+        if args.raw:
+            stream = engine.generate_stream(args.prompt, sampling_params(args))
+        else:
+            stream = engine.chat_stream([{"role": "user", "content": args.prompt}], sampling_params(args))
+        for chunk in stream:
+            print(chunk.text, end="", flush=True)
+        print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from radixrt.engine import Engine
+
+    with Engine(**dataclasses.asdict(engine_config(args))) as engine:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        print("radixrt chat: type a message, /reset to start over, Ctrl-D to quit.")
+        while True:
+            try:
+                line = input("> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if not line:
+                continue
+            if line == "/reset":
+                messages = messages[:1] if args.system else []
+                continue
+            messages.append({"role": "user", "content": line})
+            reply = []
+            for chunk in engine.chat_stream(messages, sampling_params(args)):
+                print(chunk.text, end="", flush=True)
+                reply.append(chunk.text)
+            print()
+            messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from radixrt.server.launch import serve
+
+    return serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radixrt", description="A prefix-caching LLM runtime for agent programs.")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a reply to one prompt and exit")
+    gen.add_argument("prompt", help="the user message (or raw prompt with --raw)")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    add_sampling_args(gen)
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat, streaming")
+    chat.add_argument("--system", default=None, help="system prompt")
+    add_sampling_args(chat)
+    add_engine_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default: 127.0.0.1:30000)")
+    add_server_args(serve)
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"radixrt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,3 +1,0 @@
-"""placeholder"""
-def check_schema(schema, backend):
-    return None

@@ -1,0 +1,229 @@
+"""JSON schemas on their way to an engine: normalize, then refuse what the engine would ignore.
+
+`normalize` rewrites a schema into an equivalent or narrower one that every engine reads alike:
+  - `oneOf` whose branches provably exclude each other becomes `anyOf` (same meaning; every
+    engine can do anyOf, none can check "exactly one");
+  - `enum`/`const` next to `type` keep only the values of that type (xgrammar ignores the type);
+  - an object with `properties` and no word on extra keys gets `additionalProperties: false`,
+    as in OpenAI's strict mode and xgrammar's default: outputs carry the declared keys only
+    (free extra keys also let an engine repeat a key, which no engine prevents);
+  - a `format` JSON Schema does not define is an annotation and is dropped;
+  - `\\d`, `\\w`, `\\s` in patterns become ASCII, as in JSON Schema's ECMA-262 regexes (regex.py).
+
+`check` then refuses keywords an engine would silently ignore, naming the keyword and where it
+is. The tables come from bench/grammar_coverage.py --raw and tests/test_constrained.py's probes:
+each entry produced invalid outputs there. llguidance refuses what it lacks by itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Callable, Iterator
+
+from .base import GrammarError
+from .regex import ascii_classes
+
+STANDARD_FORMATS = {
+    "date-time", "date", "time", "duration", "email", "idn-email", "hostname", "idn-hostname", "ipv4", "ipv6",
+    "uri", "uri-reference", "iri", "iri-reference", "uuid", "uri-template", "json-pointer",
+    "relative-json-pointer", "regex",
+}
+_COMBINATORS = ("anyOf", "oneOf", "allOf")
+_OPEN_WORLD = ("allOf", "not", "if", "dependentSchemas", "dependencies", "unevaluatedProperties")
+_ANNOTATIONS = {"title", "description", "default", "examples", "example", "$comment", "$schema", "$id", "id",
+                "deprecated", "readOnly", "writeOnly", "$defs", "definitions"}
+
+
+def normalize(schema: Any) -> Any:
+    """An equivalent or narrower copy of `schema` (see the module docstring)."""
+    schema = copy.deepcopy(schema)
+    nodes = list(subschemas(schema))
+    for _, node, _ in nodes:
+        _normalize_node(node)
+    # Closing objects narrows only where a schema is used positively and alone; composition
+    # (allOf, not, if, dependent schemas) could add keys or flip the meaning: leave those be.
+    if not any(k in node for _, node, _ in nodes for k in _OPEN_WORLD):
+        for _, node, parent in nodes:
+            _close_object(node, parent)
+    return schema
+
+
+def _normalize_node(node: dict) -> None:
+    if isinstance(node.get("pattern"), str):
+        node["pattern"] = ascii_classes(node["pattern"])
+    if isinstance(node.get("patternProperties"), dict):
+        node["patternProperties"] = {ascii_classes(k): v for k, v in node["patternProperties"].items()}
+    if isinstance(node.get("format"), str) and node["format"] not in STANDARD_FORMATS:
+        del node["format"]
+    types = _declared_types(node)
+    if types is not None and isinstance(node.get("enum"), list):
+        node["enum"] = [v for v in node["enum"] if _type_of(v) & types]
+        if not node["enum"]:
+            raise GrammarError("no value satisfies this schema: no 'enum' value has the declared 'type'")
+    if types is not None and "const" in node and not _type_of(node["const"]) & types:
+        raise GrammarError("no value satisfies this schema: 'const' does not have the declared 'type'")
+    branches = node.get("oneOf")
+    if isinstance(branches, list) and _pairwise_disjoint(branches, types) and "anyOf" not in node:
+        node["anyOf"] = node.pop("oneOf")
+
+
+def _close_object(node: dict, parent: dict | None) -> None:
+    """additionalProperties: false for an object that lists its properties and says nothing
+    else about extra keys (nor does the schema it is a branch of)."""
+    props = node.get("properties")
+    if not isinstance(props, dict) or not props or not set(node.get("required", [])) <= set(props):
+        return
+    if any(k in node for k in ("additionalProperties", "patternProperties", "$ref", "anyOf", "oneOf")):
+        return
+    if parent is not None and any(node is b for k in ("anyOf", "oneOf") for b in parent.get(k, ())) and \
+            any(k in parent for k in ("properties", "required", "patternProperties", "additionalProperties")):
+        return
+    node["additionalProperties"] = False
+
+
+# ---- oneOf disjointness ---------------------------------------------------------------------
+def _pairwise_disjoint(branches: list, outer: set[str] | None) -> bool:
+    """True if no value can match two branches: their types differ, or both are objects that
+    pin a required property to different constants (a tagged union)."""
+    if not all(isinstance(b, dict) for b in branches):
+        return False
+    return all(_disjoint(a, b, outer) for i, a in enumerate(branches) for b in branches[i + 1:])
+
+
+def _disjoint(a: dict, b: dict, outer: set[str] | None) -> bool:
+    ta, tb = _meet(_declared_types(a), outer), _meet(_declared_types(b), outer)
+    if ta is not None and tb is not None and not ta & tb:
+        return True
+    va, vb = _values(a), _values(b)
+    if va is not None and vb is not None and not va & vb:
+        return True
+    if ta != {"object"} or tb != {"object"}:
+        return False
+    pa, pb = a.get("properties", {}), b.get("properties", {})
+    for name in set(a.get("required", [])) & set(b.get("required", [])):
+        xa, xb = _values(pa.get(name, {})), _values(pb.get(name, {}))
+        if xa is not None and xb is not None and not xa & xb:
+            return True
+    return False
+
+
+def _declared_types(node: dict) -> set[str] | None:
+    """The JSON types a schema admits, from type/const/enum; None if it does not say."""
+    t = node.get("type")
+    if isinstance(t, str):
+        types = {t}
+    elif isinstance(t, list) and all(isinstance(x, str) for x in t):
+        types = set(t)
+    elif "const" in node:
+        return _type_of(node["const"])
+    elif isinstance(node.get("enum"), list):
+        return set().union(*(_type_of(v) for v in node["enum"])) if node["enum"] else set()
+    else:
+        return None
+    return types | {"integer"} if "number" in types else types
+
+
+def _meet(a: set[str] | None, b: set[str] | None) -> set[str] | None:
+    return b if a is None else a if b is None else a & b
+
+
+def _type_of(value: Any) -> set[str]:
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return {"integer", "number"}
+    return {float: {"number"}, str: {"string"}, list: {"array"}, dict: {"object"},
+            type(None): {"null"}}[type(value)]
+
+
+def _values(node: dict) -> set[str] | None:
+    if "const" in node:
+        return {json.dumps(node["const"], sort_keys=True)}
+    if isinstance(node.get("enum"), list):
+        return {json.dumps(v, sort_keys=True) for v in node["enum"]}
+    return None
+
+
+# ---- what each engine would ignore ----------------------------------------------------------
+Rule = Callable[[dict], bool] | None  # None: never enforced; else True where not enforced
+
+
+def _with_siblings(node: dict) -> bool:
+    return any(k not in _ANNOTATIONS and k not in _COMBINATORS for k in node)
+
+
+def _length_with_pattern(node: dict) -> bool:
+    return "pattern" in node or "format" in node
+
+
+def _undeclared_required(node: dict) -> bool:
+    return isinstance(node.get("properties"), dict) and not set(node.get("required", [])) <= set(node["properties"])
+
+
+def _ref_with_siblings(node: dict) -> bool:
+    return any(k not in _ANNOTATIONS and k != "$ref" for k in node)
+
+
+def _format_in(*names: str) -> Rule:
+    return lambda node: node.get("format") in names
+
+
+_NEVER = ("not", "if", "then", "else", "uniqueItems", "contains", "minContains", "maxContains", "dependencies",
+          "dependentRequired", "dependentSchemas", "unevaluatedProperties", "unevaluatedItems")
+
+UNSUPPORTED: dict[str, dict[str, Rule]] = {
+    "xgrammar": {
+        **dict.fromkeys(_NEVER), "allOf": None, "oneOf": None,  # oneOf left after normalize overlaps
+        "anyOf": _with_siblings, "minLength": _length_with_pattern, "maxLength": _length_with_pattern,
+        "required": _undeclared_required, "$ref": _ref_with_siblings,
+        "format": _format_in("date", "hostname", "ipv4"),  # no month lengths; long labels; leading zeros
+    },
+    "llguidance": {},
+    "outlines": {**dict.fromkeys(_NEVER), "oneOf": None},
+}
+
+
+def check(schema: Any, backend: str) -> None:
+    """Raise GrammarError naming the first keyword `backend` would not enforce, and where."""
+    table = UNSUPPORTED.get(backend, {})
+    for path, node, _ in subschemas(schema):
+        for key, rule in table.items():
+            if key in node and (rule is None or rule(node)):
+                what = f"{key} {node[key]!r}" if key == "format" else repr(key)
+                raise GrammarError(f"{backend} does not enforce JSON schema keyword {what} (at {path or '/'}"
+                                   f"{'' if rule is None else ', in this combination'}); "
+                                   "use another grammar backend or drop the keyword")
+
+
+# ---- traversal ------------------------------------------------------------------------------
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+_SCHEMA_ONE = ("additionalProperties", "additionalItems", "unevaluatedProperties", "unevaluatedItems",
+               "contains", "propertyNames", "not", "if", "then", "else")
+
+
+def subschemas(node: Any, path: str = "", parent: dict | None = None) -> Iterator[tuple[str, dict, dict | None]]:
+    """Every schema object inside `node` (depth first): its JSON pointer, itself, its parent."""
+    if not isinstance(node, dict):
+        return
+    yield path, node, parent
+    for key in _SCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            for name, sub in node[key].items():
+                yield from subschemas(sub, f"{path}/{key}/{name}", node)
+    for key in _SCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            for i, sub in enumerate(node[key]):
+                yield from subschemas(sub, f"{path}/{key}/{i}", node)
+    for key in _SCHEMA_ONE:
+        yield from subschemas(node.get(key), f"{path}/{key}", node)
+    items = node.get("items")
+    if isinstance(items, list):  # draft 4-7 tuple form
+        for i, sub in enumerate(items):
+            yield from subschemas(sub, f"{path}/items/{i}", node)
+    else:
+        yield from subschemas(items, f"{path}/items", node)
+    if isinstance(node.get("dependencies"), dict):
+        for name, sub in node["dependencies"].items():
+            yield from subschemas(sub, f"{path}/dependencies/{name}", node)

@@ -1,0 +1,115 @@
+"""The FastAPI app: lifespan (worker start/stop), API key, OpenAI-style error bodies, routers."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+
+from radixrt import __version__
+from radixrt.config import EngineConfig
+from radixrt.frontend.tokenizer_manager import RequestError, TokenizerManager
+from radixrt.server import native, openai_api
+from radixrt.server.common import ClientDisconnected, ServerSettings, ServerState, error_response, state
+from radixrt.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_bearer = HTTPBearer(auto_error=False, description="the server's --api-key, when one is set")
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+async def require_api_key(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    key = state(request).settings.api_key
+    if not key:
+        return
+    given = creds.credentials if creds is not None else ""
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise RequestError("invalid or missing API key: send 'Authorization: Bearer <key>'", 401)
+
+
+def model_name(config: EngineConfig, settings: ServerSettings) -> str:
+    if settings.served_model_name:
+        return settings.served_model_name
+    if config.model is None:
+        return DEFAULT_MODEL_NAME
+    path = Path(config.model)
+    return path.stem if path.suffix == ".gguf" else path.name or str(config.model)
+
+
+def build_app(
+    config: EngineConfig,
+    settings: ServerSettings | None = None,
+    on_fatal: Callable[[], None] | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> FastAPI:
+    settings = settings or ServerSettings()
+    metrics = ServerMetrics()
+    manager = TokenizerManager(config, settings.restart_worker, on_fatal, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            await manager.start()
+        except BaseException:
+            await manager.close()
+            raise
+        aliases = {str(config.model), str(manager.model_dir)} if config.model else {str(manager.model_dir)}
+        app.state.rt = ServerState(manager, metrics, settings, model_name(config, settings), aliases)
+        if on_ready:
+            on_ready(app.state.rt.model_name)
+        yield
+        await manager.close()
+
+    app = FastAPI(
+        title="radixrt",
+        version=__version__,
+        description="A prefix-caching LLM runtime: OpenAI-compatible and native endpoints.",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(RequestError, _request_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnected, _client_gone)
+    app.add_exception_handler(Exception, _internal_error)
+    app.include_router(native.open_router)
+    app.include_router(openai_api.router, dependencies=[Depends(require_api_key)])
+    app.include_router(native.router, dependencies=[Depends(require_api_key)])
+    return app
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    err = exc.errors()[0]
+    if err.get("type") == "json_invalid":
+        return error_response(400, "the request body is not valid JSON", None, "json_invalid")
+    path = [str(p) for p in err.get("loc", ()) if p != "body"]
+    path = [p for p in path if p.lower() not in _TYPE_NAMES and "[" not in p and "-" not in p]
+    param = ".".join(path) or None
+    message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+    return error_response(400, message, param, err.get("type"))
+
+
+async def _request_error(request: Request, exc: RequestError):
+    return error_response(exc.status, exc.message, exc.param)
+
+
+async def _http_error(request: Request, exc: HTTPException):
+    return error_response(exc.status_code, str(exc.detail))
+
+
+async def _client_gone(request: Request, exc: ClientDisconnected):
+    return Response(status_code=499)
+
+
+async def _internal_error(request: Request, exc: Exception):
+    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    return error_response(500, f"internal error: {type(exc).__name__}")

@@ -1,0 +1,201 @@
+"""Helpers every endpoint shares: errors, sampling params, SSE, merged streams, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import msgspec
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from radixrt.frontend.tokenizer_manager import Delta, RequestError, TokenizerManager
+from radixrt.sampling_params import SamplingParams
+from radixrt.server.metrics import ServerMetrics
+
+
+@dataclass
+class ServerSettings:
+    api_key: str | None = None
+    served_model_name: str | None = None
+    restart_worker: bool = True
+
+
+@dataclass
+class ServerState:
+    """What the endpoints reach through `request.app.state.rt`."""
+
+    manager: TokenizerManager
+    metrics: ServerMetrics
+    settings: ServerSettings
+    model_name: str
+    model_aliases: set[str] = field(default_factory=set)
+
+
+def state(request: Request) -> ServerState:
+    return request.app.state.rt
+
+
+class JSON(Response):
+    """msgspec-encoded JSON: faster than json.dumps for the big logprob payloads."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return msgspec.json.encode(content)
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events; the body generator is always closed, which aborts its requests."""
+
+    media_type = "text/event-stream"
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 503: "unavailable_error"}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSON:
+    return JSON(error_body(message, ERROR_TYPES.get(status, "server_error"), param, code), status_code=status)
+
+
+def check_model(st: ServerState, model: str | None) -> None:
+    if model is not None and model != st.model_name and model not in st.model_aliases:
+        raise RequestError(f"the model {model!r} does not exist; this server serves {st.model_name!r}", 400, "model")
+
+
+# SamplingParams field -> the OpenAI request field that sets it, for error messages.
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "top_logprobs": "top_logprobs"}
+
+
+def make_params(values: dict[str, Any], openai_names: bool = True) -> SamplingParams:
+    """Validate sampling options; a ValueError becomes a 400 naming the offending field."""
+    try:
+        params = SamplingParams.from_any(values)
+    except ValueError as exc:
+        message = str(exc)
+        match = (
+            re.search(r"sampling_params\.(\w+)", message)
+            or re.search(r"at `\$\.(\w+)`", message)
+            or re.search(r"unknown field `(\w+)`", message)
+        )
+        name = match.group(1) if match else None
+        if name and openai_names:
+            name = _OPENAI_NAMES.get(name, name)
+        elif name:
+            name = f"sampling_params.{name}"
+        raise RequestError(message, 400, name) from None
+    if params.seed is not None and not -(2**63) <= params.seed < 2**64:
+        raise RequestError("seed must fit in 64 bits", 400, "seed")
+    return params
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_error(exc: RequestError) -> bytes:
+    """An error after the stream started: one event with the error body (the openai client raises it)."""
+    return sse(error_body(exc.message, ERROR_TYPES.get(exc.status, "server_error"), exc.param))
+
+
+async def merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """Interleave several request streams as (index, delta); closing this closes (aborts) them all."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as s:
+            async for d in s:
+                yield 0, d
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[Delta]) -> None:
+        try:
+            async with contextlib.aclosing(s):
+                async for d in s:
+                    q.put_nowait((i, d, None))
+        except RequestError as exc:
+            q.put_nowait((i, None, exc))
+        else:
+            q.put_nowait((i, None, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, d, exc = await q.get()
+            if exc is not None:
+                raise exc
+            if d is None:
+                remaining -= 1
+            else:
+                yield i, d
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class Collected:
+    """A whole request's output, gathered from its Deltas."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    last: Delta | None = None
+
+
+async def collect(streams: list[AsyncIterator[Delta]]) -> list[Collected]:
+    results = [Collected() for _ in streams]
+    async for i, d in merge(streams):
+        r = results[i]
+        r.text += d.text
+        r.token_ids += d.token_ids
+        r.logprobs += d.logprobs or []
+        r.top_logprobs += d.top_logprobs or []
+        r.last = d
+    return results
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable):
+    """Run `work`; if the client goes away first, cancel it (its streams abort in the worker)."""
+
+    async def wait_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.create_task(wait_disconnect())
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        watcher.cancel()
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()

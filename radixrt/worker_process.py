@@ -1,0 +1,147 @@
+"""The worker in its own process, linked to the front end by two ZMQ sockets.
+
+    front end (binds)                              worker process (connects)
+      PUSH  ipc://<dir>/to_worker   ──────────►   PULL   GenerateReq, AbortReq, StatsReq, ...
+      PULL  ipc://<dir>/from_worker ◄──────────   PUSH   WorkerReady once, then StepOutputs,
+                                                         EngineStats, FlushCacheResult
+
+`<dir>` is a private temporary directory (mode 0700) the front end creates, so only its
+user can reach the sockets. Every message is a typed msgspec struct from `radixrt.ipc`,
+encoded as msgpack: nothing is pickled. The front end binds, so a restarted worker simply
+connects to the same addresses.
+
+The loop is the offline Engine's `_loop` with sockets instead of a queue: drain incoming
+messages (without waiting while there is work, with a bounded poll while idle), run one
+step, push what every request gained as one `StepOutputs` message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from radixrt import ipc
+from radixrt.config import EngineConfig
+
+log = logging.getLogger("radixrt.worker_process")
+
+IDLE_POLL_MS = 500  # while idle, wake this often to notice that the front end is gone
+
+
+def make_ipc_dir() -> Path:
+    """A fresh private directory for the two socket files (mkdtemp creates it 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="radixrt-ipc-"))
+    os.chmod(path, 0o700)
+    return path
+
+
+def to_worker_addr(ipc_dir: str | os.PathLike) -> str:
+    return f"ipc://{Path(ipc_dir) / 'to_worker'}"
+
+
+def from_worker_addr(ipc_dir: str | os.PathLike) -> str:
+    return f"ipc://{Path(ipc_dir) / 'from_worker'}"
+
+
+def spawn_worker(config: EngineConfig, model_dir: str | os.PathLike, ipc_dir: str | os.PathLike):
+    """Start `run_worker` in a fresh interpreter (spawn: no forked torch or event-loop state)."""
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(
+        target=run_worker,
+        args=(dataclasses.asdict(config), str(model_dir), str(ipc_dir)),
+        name="radixrt-worker",
+        daemon=True,
+    )
+    proc.start()
+    return proc
+
+
+def run_worker(config: dict, model_dir: str, ipc_dir: str) -> None:
+    """The child process's entry point: load the model, say ready, serve until told to stop."""
+    # The front end owns shutdown: a Ctrl-C or SIGTERM sent to the whole process group must
+    # not kill the worker under requests the front end is still draining.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(
+        level=os.environ.get("RADIXRT_WORKER_LOG_LEVEL", "INFO"),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s worker[%(process)d] %(name)s: %(message)s",
+    )
+    parent = os.getppid()
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    push = ctx.socket(zmq.PUSH)
+    for sock in (pull, push):
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+    pull.connect(to_worker_addr(ipc_dir))
+    push.connect(from_worker_addr(ipc_dir))
+    try:
+        from radixrt.worker import Worker
+
+        worker = Worker(EngineConfig(**config), model_dir=model_dir)
+    except BaseException as exc:  # report why, then exit non-zero: the front end decides what to do
+        log.exception("worker failed to start")
+        push.send(ipc.encode(ipc.WorkerReady(pid=os.getpid(), error=f"{type(exc).__name__}: {exc}")))
+        push.close()
+        ctx.term()
+        sys.exit(1)
+    push.send(
+        ipc.encode(
+            ipc.WorkerReady(
+                pid=os.getpid(),
+                max_context=worker.max_context,
+                vocab_size=worker.model_config.vocab_size,
+                total_pages=worker.pool.allocator.num_pages,
+                page_size=worker.config.page_size,
+            )
+        )
+    )
+    try:
+        serve(worker, pull, push, parent)
+    finally:
+        pull.close(linger=0)
+        push.close()
+        ctx.term()
+
+
+def serve(worker, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:
+    """Drain messages, step, push outputs; return on ShutdownReq or when the front end is gone."""
+    while True:
+        timeout = 0 if worker.has_work() else IDLE_POLL_MS
+        while pull.poll(timeout):
+            timeout = 0
+            try:
+                msg = ipc.decode_to_worker(pull.recv())
+            except msgspec.DecodeError as exc:  # only our front end can reach the socket; still, never crash on it
+                log.error("dropped a malformed message: %s", exc)
+                continue
+            if isinstance(msg, ipc.ShutdownReq):
+                log.info("shutting down")
+                return
+            try:
+                reply = worker.handle(msg)
+            except Exception as exc:  # one bad request must not take the worker (and everyone's requests) down
+                log.exception("failed to handle %s", type(msg).__name__)
+                if not isinstance(msg, ipc.GenerateReq):
+                    raise
+                reply = ipc.StepOutputs([ipc.ReqOutput(msg.rid, [], True, "error", error=f"rejected: {exc}")])
+            if reply is not None:
+                push.send(ipc.encode(reply))
+        if worker.has_work():
+            outputs = worker.step()
+            if outputs:
+                push.send(ipc.encode(ipc.StepOutputs(outputs)))
+        if os.getppid() != parent:
+            log.warning("the front end is gone; exiting")
+            return

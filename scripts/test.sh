@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install with test extras and run the whole suite (CPU only; GPU tests skip).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+python -m pip install -q -e ".[grammar-cpu,test]"
+python -m pytest -q
