@@ -142,7 +142,18 @@ def summarize(records: list[dict], mask_s: list[float]) -> dict:
         "mask_us_p50": float(np.percentile(mask_us, 50)),
         "mask_us_p99": float(np.percentile(mask_us, 99)),
         "mask_steps": len(mask_s),
+        "top_compile_errors": _top([r.get("error", "") for r in records if r["status"] == "compile_error"]),
+        "top_invalid_reasons": _top([r["invalid_example"]["reason"] for r in records if r.get("invalid_example")]),
     }
+
+
+def _top(messages: list[str], n: int = 8) -> list[tuple[str, int]]:
+    """The most common messages, with quoted values and pointers blanked so alike ones group."""
+    import re
+    from collections import Counter
+
+    keys = [re.sub(r"'[^']*'|\(at [^)]*\)| at \S*$", "…", m)[:120] for m in messages]
+    return Counter(keys).most_common(n)
 
 
 def print_table(summaries: dict[str, dict]) -> None:

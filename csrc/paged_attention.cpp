@@ -39,10 +39,6 @@ namespace {
 constexpr int kBlock = 32;   // keys per online-softmax step
 constexpr int kQBlock = 16;  // prefill queries per task
 constexpr int kMinSplit = 256;  // fewest keys worth a separate decode split
-#ifndef RADIXRT_PREFETCH
-#define RADIXRT_PREFETCH 0
-#endif
-constexpr bool kPrefetch = RADIXRT_PREFETCH;
 
 struct Task {
   int b;
@@ -75,7 +71,7 @@ struct Scratch {
   Scratch(int rows, int D)
       : q(size_t(rows) * D), m(rows), l(rows), acc(size_t(rows) * D), s(kMaxGroup * kBlock),
         kbuf(size_t(kBlock) * D), vbuf(size_t(kBlock) * D), krow(kBlock), vrow(kBlock), krow_t(kBlock), vrow_t(kBlock),
-        base(2 * kBlock) {}
+        base(kBlock) {}
 };
 
 template <typename T>
@@ -104,33 +100,13 @@ void run_task(const Problem& p, const Task& t, const T* q, const T* kc, const T*
   std::fill(sc.acc.begin(), sc.acc.begin() + size_t(rows) * D, 0.f);
 
   const int kv_end = std::min(t.kv1, prefix + t.q1);  // the last query's causal limit
-  auto block_bases = [&](int kb, int64_t* base) {  // element offset of each key row of the block
-    const int n = std::min(kBlock, kv_end - kb);
-    int page = kb / p.page_size, row = kb % p.page_size;  // one division per block, not per key
-    for (int j = 0; j < n; ++j) {
-      base[j] = (int64_t(pages[page]) * p.page_size + row) * p.kv_s_token;
-      if (++row == p.page_size) row = 0, ++page;
-    }
-    return n;
-  };
-  // Prefetch the next block's rows (the heads this task reads) while this one computes: page
-  // hops defeat the hardware prefetcher, and a decode is bound by how fast keys arrive.
-  const int64_t pf_begin = int64_t(t.h0) * D * sizeof(T), pf_bytes = int64_t(t.h1 - t.h0) * D * sizeof(T);
-  int64_t* base = sc.base.data();
-  int64_t* next = sc.base.data() + kBlock;
-  if (t.kv0 < kv_end) block_bases(t.kv0, base);
+  const int64_t* base = sc.base.data();
   for (int kb = t.kv0; kb < kv_end; kb += kBlock) {
     const int n = std::min(kBlock, kv_end - kb);
-    if (kPrefetch && kb + kBlock < kv_end) {
-      const int n_next = block_bases(kb + kBlock, next);
-      for (int j = 0; j < n_next; ++j) {
-        const char* kp = reinterpret_cast<const char*>(kc + next[j]) + pf_begin;
-        const char* vp = reinterpret_cast<const char*>(vc + next[j]) + pf_begin;
-        for (int64_t off = 0; off < pf_bytes; off += 64) {
-          __builtin_prefetch(kp + off);
-          __builtin_prefetch(vp + off);
-        }
-      }
+    int page = kb / p.page_size, row = kb % p.page_size;  // one division per block, not per key
+    for (int j = 0; j < n; ++j) {  // element offset of each key row of the block
+      sc.base[j] = (int64_t(pages[page]) * p.page_size + row) * p.kv_s_token;
+      if (++row == p.page_size) row = 0, ++page;
     }
     for (int hk = t.h0; hk < t.h1; ++hk) {
       const int64_t head_off = int64_t(hk) * D;
@@ -169,7 +145,6 @@ void run_task(const Problem& p, const Task& t, const T* q, const T* kc, const T*
                       p.simd);
       }
     }
-    std::swap(base, next);
   }
 
   for (int hk = t.h0; hk < t.h1; ++hk)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from radixrt.cache.base import chain_hashes
 from radixrt.sampling_params import SamplingParams
 
 
@@ -50,6 +51,7 @@ class Req:
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
     prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    _page_hashes: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -69,6 +71,12 @@ class Req:
     @property
     def finished(self) -> bool:
         return self.status is ReqStatus.FINISHED
+
+    def page_hashes(self, page_size: int) -> list[int]:
+        """Chain hashes of this request's whole pages (kept, and extended as the request grows)."""
+        if len(self._page_hashes) < len(self.token_ids) // page_size:
+            self._page_hashes = chain_hashes(self.token_ids, page_size, self.params.cache_salt, self._page_hashes)
+        return self._page_hashes
 
     def append_token(self, token_id: int) -> None:
         self.output_ids.append(token_id)

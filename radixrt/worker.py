@@ -128,8 +128,8 @@ class Worker:
         outputs.extend(self._finish(r, [], "length") for r, _ in sample_rows if r.params.max_new_tokens == 0)
         if samplers:
             outputs.extend(self._sample(samplers, logits))
-        for req in scheduled.reqs:
-            if req.is_prefilling and not req.finished:
+        for req, n in zip(scheduled.reqs, scheduled.num_new):
+            if n > 1 and not req.finished:  # a prefill chunk: let waiting requests hit it from the next step
                 self.scheduler.cache_progress(req)
         return outputs
 

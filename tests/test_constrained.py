@@ -76,15 +76,21 @@ SCHEMAS = {
                        "count": {"type": "integer", "exclusiveMinimum": 5, "maximum": 1000}}, "required": ["age", "count"]},
     "number_bounds": {"type": "object", "properties": {"score": {"type": "number", "minimum": -1.5, "maximum": 2.5}},
                       "required": ["score"]},
-    "string_pattern": {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2,4}$"},
-                       "word": {"type": "string", "minLength": 2, "maxLength": 5}}, "required": ["code", "word"]},
+    "string_pattern": {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-\\d{2,4}$"}},
+                       "required": ["code"]},
+    "string_length": {"type": "object", "properties": {"word": {"type": "string", "minLength": 2, "maxLength": 5}},
+                      "required": ["word"]},
     "refs": {"$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
                                  "required": ["x", "y"], "additionalProperties": False}},
              "type": "object", "properties": {"a": {"$ref": "#/$defs/point"},
                                               "path": {"type": "array", "items": {"$ref": "#/$defs/point"}, "maxItems": 3}},
              "required": ["a", "path"]},
-    "any_of": {"type": "object", "properties": {"value": {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 6},
+    "any_of": {"type": "object", "properties": {"value": {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": "^x+$"},
                                                                      {"type": "null"}]}}, "required": ["value"]},
+    "tagged_one_of": {"type": "object", "properties": {"shape": {"oneOf": [
+        {"type": "object", "properties": {"kind": {"const": "circle"}, "r": {"type": "number"}}, "required": ["kind", "r"]},
+        {"type": "object", "properties": {"kind": {"const": "square"}, "side": {"type": "integer"}}, "required": ["kind"]}]}},
+        "required": ["shape"]},
     "closed_object": {"type": "object", "properties": {"id": {"type": "integer"}, "note": {"type": "string"}},
                       "required": ["id"], "additionalProperties": False},
     "optional_properties": {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "number"},
@@ -94,7 +100,7 @@ SCHEMAS = {
 }
 
 # Known gaps: the backend refuses (GrammarError naming the keyword) rather than risk invalid output.
-REFUSED = {("outlines", "integer_bounds"), ("outlines", "number_bounds")}
+REFUSED = {("outlines", "integer_bounds"), ("outlines", "number_bounds"), ("xgrammar", "string_length")}
 
 
 @pytest.mark.parametrize("name", list(SCHEMAS))
@@ -107,6 +113,55 @@ def test_json_schema_walks_always_validate(backend, walker, name):
     check = json_validator(SCHEMAS[name])
     for text in walks(backend, walker, "json_schema", spec):
         assert check(text) is None, f"{backend.name} produced {text!r}: {check(text)}"
+
+
+# Probes of single keywords and combinations that some engine gets wrong. The invariant holds
+# whatever each backend decides: it refuses the schema (GrammarError), or every output is valid.
+PROBES = {
+    "not": {"type": "object", "properties": {"a": {"type": "integer", "not": {"enum": list(range(10))}}}, "required": ["a"]},
+    "uniqueItems": {"type": "array", "items": {"enum": [1, 2]}, "minItems": 2, "maxItems": 2, "uniqueItems": True},
+    "contains": {"type": "array", "items": {"type": "integer"}, "contains": {"const": 7}, "maxItems": 3},
+    "multipleOf": {"type": "integer", "multipleOf": 7},
+    "int_range": {"type": "integer", "minimum": 10, "maximum": 20},
+    "exclusive": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    "minProperties": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"},
+                                                       "c": {"type": "integer"}}, "minProperties": 2},
+    "propertyNames": {"type": "object", "propertyNames": {"pattern": "^[a-z]{2}$"}, "maxProperties": 3},
+    "patternProperties": {"type": "object", "patternProperties": {"^x_[0-9]+$": {"type": "integer"}},
+                          "additionalProperties": False},
+    "dependentRequired": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                          "dependentRequired": {"a": ["b"]}},
+    "if_then": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
+                "if": {"required": ["a"]}, "then": {"required": ["b"]}},
+    "allOf": {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                        {"properties": {"b": {"type": "string"}}, "required": ["b"]}]},
+    "anyOf_sibling": {"type": "object", "properties": {"a": {"type": "string"}}, "anyOf": [{"required": ["a"]}]},
+    "oneOf_overlap": {"oneOf": [{"type": "integer"}, {"type": "number"}]},
+    "enum_type": {"type": "string", "enum": ["a", 1, None]},
+    "length_pattern": {"type": "string", "pattern": "^[a-z]+$", "minLength": 3, "maxLength": 5},
+    "length_format": {"type": "string", "format": "email", "maxLength": 12},
+    "required_undeclared": {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]},
+    "ref_sibling": {"$defs": {"s": {"type": "string"}}, "type": "object",
+                    "properties": {"a": {"$ref": "#/$defs/s", "maxLength": 3}}, "required": ["a"]},
+    "recursive_ref": {"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}}}, "$ref": "#/$defs/n"},
+    **{f"format_{f}": {"type": "string", "format": f}
+       for f in ["date", "date-time", "time", "email", "uri", "hostname", "ipv4", "uuid"]},
+}
+
+
+@pytest.mark.parametrize("name", list(PROBES))
+def test_probe_is_refused_or_always_valid(backend, walker, name):
+    try:
+        compiled = backend.compile("json_schema", json.dumps(PROBES[name]))
+    except GrammarError as exc:
+        assert backend.name in str(exc)
+        return
+    check, rng = json_validator(PROBES[name]), random.Random(0)
+    for i in range(8):
+        w = walker.walk(backend.matcher(compiled), rng, free_steps=(0, 4, 16)[i % 3], max_tokens=300)
+        assert not w.error, w.error
+        if w.terminated:
+            assert check(w.text) is None, f"{backend.name}: {w.text!r}: {check(w.text)}"
 
 
 def test_json_object_is_a_json_object(backend, walker):

@@ -80,8 +80,13 @@ def test_return_logprob_meta(backend):
 def test_streaming_gives_the_same_text(backend):
     args = {"max_tokens": 8, "ignore_eos": True}
     pieces = list(continue_text.run(PREFIX, args, backend=backend, stream=True).text_iter("out"))
-    assert len(pieces) > 1
     assert "".join(pieces) == continue_text.run(PREFIX, args, backend=backend)["out"]
+
+    class State:
+        text_ = PREFIX
+
+    chunks = list(backend.generate_stream(State, sgl.lang.ir.SglSamplingParams(8, temperature=0, ignore_eos=True)))
+    assert len(chunks) == 8 and chunks[-1][1]["completion_tokens"] == 8  # one piece per token
 
 
 CHOICES = ["w7 w8", "w100", "w200 w201 w202", "w9"]

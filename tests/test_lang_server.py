@@ -16,6 +16,13 @@ PREFIX = " ".join(f"w{i}" for i in range(10, 50))
 CHOICES = ["w7 w8", "w100", "w200 w201 w202"]
 
 
+class FakeState:
+    """What a backend reads from the interpreter: the text so far."""
+
+    def __init__(self, text: str) -> None:
+        self.text_ = text
+
+
 @pytest.fixture(scope="module")
 def runtime(tiny_llama):
     rt = sgl.Runtime(model_path=str(tiny_llama), page_size=4, kv_memory_gb=0.05, api_key=KEY, launch_timeout=120)
@@ -61,8 +68,9 @@ def test_endpoint_streams_and_fork_branches_hit_the_cache(runtime):
 
     assert all(c >= 36 for c in tree.run(backend=runtime)["cached"])
     state = program.run(PREFIX, 8, backend=runtime, stream=True)
-    pieces = list(state.text_iter("first"))
-    assert len(pieces) > 1 and "".join(pieces) == program.run(PREFIX, 8, backend=runtime)["first"]
+    assert "".join(state.text_iter("first")) == program.run(PREFIX, 8, backend=runtime)["first"]
+    chunks = list(runtime.endpoint.generate_stream(FakeState(PREFIX), sgl.lang.ir.SglSamplingParams(8, ignore_eos=True)))
+    assert len(chunks) == 8 and chunks[-1][1]["finish_reason"]["type"] == "length"
 
 
 def test_run_batch_through_the_endpoint(runtime):

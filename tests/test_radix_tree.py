@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from radixrt.cache.base import NoPrefixCache
+from radixrt.cache.base import NoPrefixCache, chain_hashes
 from radixrt.cache.page_pool import PageAllocator
 from radixrt.cache.radix_tree import RadixCache
 
@@ -266,8 +266,11 @@ class RadixMachine(RuleBasedStateMachine):
             m = self.cache.match_prefix(tokens, salt, record=False)
             assert m.pages == self.expected(tuple(tokens), salt)
             assert m.num_tokens == len(m.pages) * self.ps
+            # The hash index answers the same question without walking the tree.
+            assert self.cache.cached_pages(chain_hashes(tokens, self.ps, salt)) == len(m.pages)
             return
         tokens = tuple(tokens[: len(tokens) - len(tokens) % self.ps])
+        assert self.cache.cached_pages(chain_hashes(tokens, self.ps, salt)) == len(self.expected(tokens, salt))
         m = self.cache.match_prefix(tokens, salt)
         assert m.pages == self.expected(tokens, salt)
         self.cache.lock(m.node)

@@ -21,6 +21,21 @@ from dataclasses import dataclass
 from radixrt.cache.page_pool import PageAllocator
 
 
+def chain_hashes(token_ids: Sequence[int], page_size: int, salt: str | None = None, known: Sequence[int] = ()) -> list[int]:
+    """One hash per whole page: hash i identifies token_ids[: (i + 1) * page_size] under `salt`.
+
+    Each hash folds in the previous one, so equal hashes mean equal prefixes (up to 64-bit
+    collisions, which only ever affect ranking, never which pages a request uses). `known`
+    (hashes computed earlier for a shorter version of the same sequence) is extended, not redone.
+    """
+    out = list(known)
+    h = out[-1] if out else hash(("radixrt", salt))
+    for i in range(len(out), len(token_ids) // page_size):
+        h = hash((h, tuple(token_ids[i * page_size : (i + 1) * page_size])))
+        out.append(h)
+    return out
+
+
 @dataclass
 class MatchResult:
     node: object  # opaque handle for lock/unlock: the deepest matched node (a root when nothing matched)
@@ -54,10 +69,25 @@ class PrefixCache(ABC):
         """
 
     @abstractmethod
-    def insert(self, token_ids: Sequence[int], pages: Sequence[int], salt: str | None = None) -> int:
+    def cached_pages(self, page_hashes: Sequence[int]) -> int:
+        """How many leading pages of a sequence are cached, given its `chain_hashes`.
+
+        A side-effect-free peek in O(log n) set lookups, so the scheduler can rank thousands
+        of waiting requests every step; admission still matches through the tree.
+        """
+
+    @abstractmethod
+    def insert(
+        self,
+        token_ids: Sequence[int],
+        pages: Sequence[int],
+        salt: str | None = None,
+        page_hashes: Sequence[int] | None = None,
+    ) -> int:
         """Cache token_ids (whole pages: len(token_ids) == len(pages) * page_size); return how
         many leading tokens were already cached. The cache takes ownership of
-        pages[already // page_size:]; the caller frees its own duplicates before that point."""
+        pages[already // page_size:]; the caller frees its own duplicates before that point.
+        `page_hashes` (the sequence's chain_hashes, if the caller has them) saves recomputing."""
 
     @abstractmethod
     def lock(self, node: object) -> None:
@@ -101,7 +131,10 @@ class NoPrefixCache(PrefixCache):
     def match_prefix(self, token_ids: Sequence[int], salt: str | None = None, record: bool = True) -> MatchResult:
         return MatchResult(node=self._ROOT, pages=[], num_tokens=0)
 
-    def insert(self, token_ids: Sequence[int], pages: Sequence[int], salt: str | None = None) -> int:
+    def cached_pages(self, page_hashes: Sequence[int]) -> int:
+        return 0
+
+    def insert(self, token_ids, pages, salt=None, page_hashes=None) -> int:
         if len(token_ids) != len(pages) * self.page_size:
             raise ValueError(f"{len(token_ids)} tokens do not fill {len(pages)} pages of {self.page_size}")
         self.allocator.free(pages)  # nothing was cached, so every page is ours to free

@@ -23,16 +23,19 @@ import heapq
 import itertools
 from collections.abc import Sequence
 
-from radixrt.cache.base import CacheStats, MatchResult, PrefixCache
+from radixrt.cache.base import CacheStats, MatchResult, PrefixCache, chain_hashes
 from radixrt.cache.page_pool import PageAllocator
 
 
 class _Node:
-    __slots__ = ("key", "pages", "children", "parent", "lock_ref", "access")
+    __slots__ = ("key", "pages", "hashes", "children", "parent", "lock_ref", "access")
 
-    def __init__(self, key: tuple[int, ...], pages: list[int], parent: _Node | None, access: int) -> None:
+    def __init__(
+        self, key: tuple[int, ...], pages: list[int], hashes: list[int], parent: _Node | None, access: int
+    ) -> None:
         self.key = key  # token ids on the edge into this node, a multiple of page_size long
         self.pages = pages  # len(key) // page_size page ids
+        self.hashes = hashes  # chain hash of the whole prefix ending at each of those pages
         self.children: dict[tuple[int, ...], _Node] = {}  # by the child's first page of token ids
         self.parent = parent  # None for a root and for a node that was evicted
         self.lock_ref = 0
@@ -43,7 +46,7 @@ class _Root(_Node):
     __slots__ = ("salt",)
 
     def __init__(self, salt: str | None) -> None:
-        super().__init__((), [], None, 0)
+        super().__init__((), [], [], None, 0)
         self.salt = salt
 
 
@@ -65,6 +68,9 @@ class RadixCache(PrefixCache):
         self._hit_tokens = 0
         self._query_tokens = 0
         self._evicted_tokens = 0
+        # Chain hashes of every cached page prefix: answers "how much of this is cached?" in
+        # O(log n) set lookups without walking the tree (see cached_pages).
+        self._hash_index: set[int] = set()
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -82,7 +88,24 @@ class RadixCache(PrefixCache):
             self._hit_tokens += num_tokens
         return MatchResult(node=node, pages=pages, num_tokens=num_tokens)
 
-    def insert(self, token_ids: Sequence[int], pages: Sequence[int], salt: str | None = None) -> int:
+    def cached_pages(self, page_hashes: Sequence[int]) -> int:
+        # Cached prefixes are prefix-closed (only leaves are evicted), so binary search works.
+        lo, hi = 0, len(page_hashes)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if page_hashes[mid - 1] in self._hash_index:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def insert(
+        self,
+        token_ids: Sequence[int],
+        pages: Sequence[int],
+        salt: str | None = None,
+        page_hashes: Sequence[int] | None = None,
+    ) -> int:
         """Cache token_ids with their pages; return how many leading tokens were cached before.
 
         The tree takes ownership of pages[already // page_size:]. Before that point the tree
@@ -103,7 +126,9 @@ class RadixCache(PrefixCache):
             root = self._roots[salt] = _Root(salt)
         node, already = self._walk(root, tokens)
         if already < len(tokens):
-            leaf = _Node(tokens[already:], list(pages[already // ps :]), node, self._clock)
+            hashes = list(page_hashes or chain_hashes(tokens, ps, salt))[already // ps : len(pages)]
+            self._hash_index.update(hashes)
+            leaf = _Node(tokens[already:], list(pages[already // ps :]), hashes, node, self._clock)
             node.children[leaf.key[:ps]] = leaf
             self._evictable += len(leaf.pages)
             self._num_nodes += 1
@@ -155,10 +180,11 @@ class RadixCache(PrefixCache):
         """Cut node's edge after num_pages pages; return the new upper node. The lower part
         keeps node's identity, so handles held on it still mean the same prefix."""
         at = num_pages * self.page_size
-        upper = _Node(node.key[:at], node.pages[:num_pages], node.parent, node.access)
+        upper = _Node(node.key[:at], node.pages[:num_pages], node.hashes[:num_pages], node.parent, node.access)
         upper.lock_ref = node.lock_ref  # every lock through node also goes through upper
         node.parent.children[node.key[: self.page_size]] = upper
         node.key, node.pages, node.parent = node.key[at:], node.pages[num_pages:], upper
+        node.hashes = node.hashes[num_pages:]
         upper.children[node.key[: self.page_size]] = node
         self._num_nodes += 1
         return upper
@@ -214,6 +240,7 @@ class RadixCache(PrefixCache):
             del parent.children[node.key[: self.page_size]]
             node.parent = None
             freed += node.pages
+            self._hash_index.difference_update(node.hashes)
             self._evictable -= len(node.pages)
             self._num_nodes -= 1
             if parent.children:
@@ -255,6 +282,7 @@ class RadixCache(PrefixCache):
             n.parent = None
         self._roots = {None: _Root(None)}
         self._heap.clear()
+        self._hash_index.clear()
         self._evictable = self._num_nodes = 0
         return True
 

@@ -172,15 +172,24 @@ def _format_in(*names: str) -> Rule:
 _NEVER = ("not", "if", "then", "else", "uniqueItems", "contains", "minContains", "maxContains", "dependencies",
           "dependentRequired", "dependentSchemas", "unevaluatedProperties", "unevaluatedItems")
 
+_COMMON = {**dict.fromkeys(_NEVER), "allOf": None, "oneOf": None,  # a oneOf left by normalize overlaps
+           "anyOf": _with_siblings, "required": _undeclared_required, "$ref": _ref_with_siblings}
+
 UNSUPPORTED: dict[str, dict[str, Rule]] = {
     "xgrammar": {
-        **dict.fromkeys(_NEVER), "allOf": None, "oneOf": None,  # oneOf left after normalize overlaps
-        "anyOf": _with_siblings, "minLength": _length_with_pattern, "maxLength": _length_with_pattern,
-        "required": _undeclared_required, "$ref": _ref_with_siblings,
-        "format": _format_in("date", "hostname", "ipv4"),  # no month lengths; long labels; leading zeros
+        **_COMMON,
+        "minLength": None, "maxLength": None,  # bounded strings admit raw control characters
+        "format": _format_in("date", "hostname", "ipv4"),  # any day 01-31; long labels; leading zeros
     },
     "llguidance": {},
-    "outlines": {**dict.fromkeys(_NEVER), "oneOf": None},
+    "outlines": {
+        **_COMMON,
+        **dict.fromkeys(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+                         "minProperties", "maxProperties", "propertyNames")),
+        "minLength": _length_with_pattern, "maxLength": _length_with_pattern,
+        # date: any day 01-31; date-time, time: no offset, bad escapes; email, uri: unescaped quotes
+        "format": lambda node: node.get("format") != "uuid",
+    },
 }
 
 

@@ -38,7 +38,9 @@ class LongestPrefixMatch(Policy):
     name = "lpm"
 
     def rank(self, waiting: list[Req]) -> list[Req]:
-        lengths = {id(r): self.cache.match_prefix(r.token_ids, r.params.cache_salt, record=False).num_tokens for r in waiting}
+        # Hash lookups, not tree walks: O(log pages) per request, cheap at thousands waiting.
+        ps = self.cache.page_size
+        lengths = {id(r): self.cache.cached_pages(r.page_hashes(ps)) for r in waiting}
         return sorted(waiting, key=lambda r: -lengths[id(r)])
 
 

@@ -21,6 +21,11 @@ from radixrt.request import Req, ReqStatus
 from radixrt.scheduler.policy import make_policy
 
 
+# A waiting request that would compute this many tokens a running prefill is computing
+# right now waits instead (SGLang uses the same 32-token threshold).
+IN_BATCH_SHARE_TOKENS = 32
+
+
 @dataclass
 class ScheduledBatch:
     """The requests of one step with their new-token counts; decode requests come first."""
@@ -83,11 +88,14 @@ class Scheduler:
 
     def _admit(self, budget: int, prefill: list[Req], num_new: list[int]) -> int:
         """Move waiting requests into the running set while pages, budget and slots last."""
-        if not self.waiting or budget <= 0:
+        if not self.waiting or budget <= 0 or len(self.running) >= self.config.max_running_requests:
             return budget
+        in_flight = self._in_flight_pages()
         for req in self.policy.order(list(self.waiting), now=time.monotonic()):
             if budget <= 0 or len(self.running) >= self.config.max_running_requests:
                 break
+            if self._shares_in_flight(req, in_flight):
+                continue  # next step it finds those pages cached instead of computing them again
             self._attach_prefix(req)
             chunk = self._chunk_for(req, budget, admitting=True)
             if not chunk:
@@ -99,7 +107,27 @@ class Scheduler:
             prefill.append(req)
             num_new.append(chunk)
             budget -= chunk
+            if self.cache.enabled:
+                in_flight.update(req.page_hashes(self.page_size)[req.num_computed // self.page_size :])
         return budget
+
+    def _in_flight_pages(self) -> set[int]:
+        """Hashes of the pages running prefills are about to compute (in-batch prefix sharing)."""
+        ps = self.page_size
+        if not self.cache.enabled:
+            return set()
+        return {h for r in self.running if r.is_prefilling for h in r.page_hashes(ps)[r.num_computed // ps :]}
+
+    def _shares_in_flight(self, req: Req, in_flight: set[int]) -> bool:
+        """Would req compute at least IN_BATCH_SHARE_TOKENS that a running prefill computes now?"""
+        if not in_flight:
+            return False
+        hashes = req.page_hashes(self.page_size)
+        first = self.cache.cached_pages(hashes)
+        end = first
+        while end < len(hashes) and hashes[end] in in_flight:
+            end += 1
+        return (end - first) * self.page_size >= IN_BATCH_SHARE_TOKENS
 
     def _chunk_for(self, req: Req, budget: int, admitting: bool = False) -> int:
         """Tokens of req's prompt to compute now, with pages reserved for them (0: none fit).
@@ -173,9 +201,8 @@ class Scheduler:
     def release(self, req: Req) -> None:
         """Hand a request's computed whole pages to the prefix cache and free the rest."""
         full = req.num_computed // self.page_size
-        already = self.cache.insert(req.token_ids[: full * self.page_size], req.page_table[:full], req.params.cache_salt)
-        duplicates = req.page_table[req.num_tree_pages : max(req.num_tree_pages, already // self.page_size)]
-        self.allocator.free(duplicates + req.page_table[full:])
+        self._publish(req, full)
+        self.allocator.free(req.page_table[full:])
         self.cache.unlock(req.cache_node)
         req.cache_node, req.page_table, req.num_tree_pages, req.num_computed = None, [], 0, 0
 
@@ -184,15 +211,22 @@ class Scheduler:
         full = req.num_computed // self.page_size
         if not self.cache.enabled or full <= req.num_tree_pages:
             return
+        self._publish(req, full)
+        # The request now reads the cache's pages (its duplicates were just freed) and locks them.
         key = req.token_ids[: full * self.page_size]
-        already = self.cache.insert(key, req.page_table[:full], req.params.cache_salt)
-        self.allocator.free(req.page_table[req.num_tree_pages : max(req.num_tree_pages, already // self.page_size)])
         match = self.cache.match_prefix(key, req.params.cache_salt, record=False)
         self.cache.lock(match.node)
         self.cache.unlock(req.cache_node)
         req.cache_node = match.node
         req.page_table[:full] = match.pages
         req.num_tree_pages = full
+
+    def _publish(self, req: Req, full: int) -> None:
+        """Insert req's first `full` pages into the cache; free req's copies of pages it already had."""
+        ps = self.page_size
+        key, hashes = req.token_ids[: full * ps], req.page_hashes(ps)[:full]
+        already = self.cache.insert(key, req.page_table[:full], req.params.cache_salt, hashes)
+        self.allocator.free(req.page_table[req.num_tree_pages : max(req.num_tree_pages, already // ps)])
 
 
 def _cacheable_len(req: Req) -> int:
