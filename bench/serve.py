@@ -320,10 +320,12 @@ def main() -> None:
     p.add_argument("--output", default="serve", help="result name under bench/results/ (default: %(default)s)")
     add_engine_args(p)
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below: stop the server
     names = args.workloads.split(",")
     load = Load(args.concurrency, args.rate, args.duration, args.max_requests, args.max_tokens)
     config = engine_config(args)
     rows: list[dict] = []
+    load_before = os.getloadavg()
 
     proc = None
     url = args.server_url
@@ -353,7 +355,12 @@ def main() -> None:
         print("\nHTTP / offline Engine output tok/s:", ratios)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     settings["rate"] = None if load.rate == float("inf") else load.rate
-    path = save(args.output, {"settings": settings, "config": dataclasses.asdict(config), "rows": rows, "http_vs_engine": ratios})
+    # The machine's load average around the run: anything well above the worker's own threads means
+    # other work competed for the CPU and the numbers are contended.
+    loadavg = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
+    print("load average before/after (1, 5, 15 min):", loadavg["before"], loadavg["after"])
+    payload = {"settings": settings, "config": dataclasses.asdict(config), "rows": rows, "http_vs_engine": ratios}
+    path = save(args.output, {**payload, "loadavg": loadavg})
     print(f"wrote {path}")
 
 

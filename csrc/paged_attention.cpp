@@ -110,26 +110,26 @@ void run_task(const Problem& p, const Task& t, const T* q, const T* kc, const T*
     }
     for (int hk = t.h0; hk < t.h1; ++hk) {
       const int64_t head_off = int64_t(hk) * D;
-      const float* const* krow = sc.krow.data();
-      const float* const* vrow = sc.vrow.data();
-      if (direct || std::is_same_v<T, float>) {  // read rows in place
+      for (int j = 0; j < n; ++j) {
+        sc.krow_t[j] = kc + base[j] + head_off;
+        sc.vrow_t[j] = vc + base[j] + head_off;
+      }
+      // The portable loops take fp32 rows: float pages as they are, others widened once per block
+      // (every query row of this head reuses them). The vector path widens in registers.
+      const float* const* krow = nullptr;
+      const float* const* vrow = nullptr;
+      if constexpr (std::is_same_v<T, float>) {
+        krow = sc.krow_t.data();
+        vrow = sc.vrow_t.data();
+      } else if (!direct) {
         for (int j = 0; j < n; ++j) {
-          sc.krow_t[j] = kc + base[j] + head_off;
-          sc.vrow_t[j] = vc + base[j] + head_off;
+          row_to_f32(sc.krow_t[j], sc.kbuf.data() + size_t(j) * D, D, p.simd);
+          row_to_f32(sc.vrow_t[j], sc.vbuf.data() + size_t(j) * D, D, p.simd);
+          sc.krow[j] = sc.kbuf.data() + size_t(j) * D;
+          sc.vrow[j] = sc.vbuf.data() + size_t(j) * D;
         }
-        if constexpr (std::is_same_v<T, float>) {
-          krow = reinterpret_cast<const float* const*>(sc.krow_t.data());
-          vrow = reinterpret_cast<const float* const*>(sc.vrow_t.data());
-        }
-      } else {  // widen the block once for the portable loops; every query row of this head reuses it
-        for (int j = 0; j < n; ++j) {
-          float* kd = sc.kbuf.data() + size_t(j) * D;
-          float* vd = sc.vbuf.data() + size_t(j) * D;
-          row_to_f32(kc + base[j] + head_off, kd, D, p.simd);
-          row_to_f32(vc + base[j] + head_off, vd, D, p.simd);
-          sc.krow[j] = kd;
-          sc.vrow[j] = vd;
-        }
+        krow = sc.krow.data();
+        vrow = sc.vrow.data();
       }
       for (int qi = 0; qi < nq; ++qi) {
         const int visible = std::min(n, prefix + t.q0 + qi + 1 - kb);  // keys of this block it sees

@@ -1,7 +1,7 @@
 """`run_batch` over 100 inputs with a progress bar: sentiment of short reviews by `select`.
 
 `select` scores "positive" and "negative" as continuations of each review in one batched
-request; the instruction block shared by all 100 programs is cached once up front.
+request; the few-shot block shared by all 100 programs is cached once up front.
 
     python examples/batch_classify.py
 """
@@ -22,15 +22,24 @@ def reviews(n: int = 100) -> list[tuple[str, str]]:
     """n labelled reviews, half positive, half negative."""
     good = [(f"The {i} {g}.", "positive") for i, g in itertools.product(ITEMS, GOOD)]
     bad = [(f"The {i} {b}.", "negative") for i, b in itertools.product(ITEMS, BAD)]
-    pairs = [p for pair in zip(itertools.cycle(good), itertools.cycle(bad)) for p in pair]
-    return pairs[:n]
+    alternating = itertools.chain.from_iterable(zip(itertools.cycle(good), itertools.cycle(bad)))
+    return list(itertools.islice(alternating, n))
+
+
+SHOTS = [
+    ("The food was delicious.", "positive"),
+    ("The service was rude and slow.", "negative"),
+    ("I love this phone.", "positive"),
+    ("The room was dirty.", "negative"),
+]
 
 
 @sgl.function
 def classify(s, review):
-    s += sgl.system("You classify the sentiment of product reviews as positive or negative.")
-    s += sgl.user(f"Review: {review}\nIs this review positive or negative?")
-    s += sgl.assistant("The review is " + sgl.select("label", ["positive", "negative"]))
+    s += "Classify the sentiment of each review.\n\n"
+    for text, label in SHOTS:
+        s += f"Review: {text}\nSentiment: {label}\n\n"
+    s += f"Review: {review}\nSentiment: " + sgl.select("label", ["positive", "negative"])
 
 
 def main(argv=None, backend=None) -> float:

@@ -13,7 +13,8 @@ import operator
 import radixrt as sgl
 from _util import backend_for, parse_args
 
-SYSTEM = """You answer questions by reasoning step by step and using a calculator.
+SYSTEM = """You answer questions by reasoning step by step. Never do arithmetic in your head:
+always use the calculator, then finish with its result.
 Use this format:
 Thought: what to do next
 Action: calculator or finish
@@ -32,7 +33,7 @@ Input: 89"""
 
 QUESTIONS = [
     "What is 23 times 19?",
-    "A shop sells pens at 3 dollars each. How much do 45 pens cost?",
+    "What is 1234 plus 5678?",
 ]
 
 _OPS = {
@@ -67,7 +68,9 @@ def react_agent(s, question, max_steps=4, max_tokens=32):
     s["answer"] = None
     with s.assistant():
         for step in range(max_steps):
-            s += "Thought:" + sgl.gen(f"thought_{step}", max_tokens=max_tokens, stop="\n", temperature=0)
+            # A small model answers from memory unless nudged: the first thought opens with the plan.
+            s += ("Thought: I need to compute" if step == 0 else "Thought:")
+            s += sgl.gen(f"thought_{step}", max_tokens=max_tokens, stop="\n", temperature=0)
             s += "\nAction: " + sgl.select(f"action_{step}", ["calculator", "finish"])
             s += "\nInput:" + sgl.gen(f"input_{step}", max_tokens=max_tokens, stop="\n", temperature=0)
             if s[f"action_{step}"] == "finish":
@@ -83,7 +86,7 @@ def main(argv=None, backend=None) -> list[sgl.ProgramState]:
         states = react_agent.run_batch(batch, backend=backend)
     for question, state in zip(QUESTIONS, states):
         print(f"Question: {question}")
-        print(state.text().split("Question: " + question, 1)[-1].strip())
+        print(state.messages()[-1]["content"].strip())
         print(f"=> answer: {state['answer']}\n")
     return states
 

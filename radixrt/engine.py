@@ -72,11 +72,20 @@ class EngineDeadError(RuntimeError):
 
 
 class Engine:
-    """`Engine(model=None, **config)`: config keys are the fields of `EngineConfig`."""
+    """`Engine(model=None, **config)`: config keys are the fields of `EngineConfig`.
 
-    def __init__(self, model: str | None = None, **config: Any) -> None:
+    `worker_process=True` runs the worker in a child process behind the same ZMQ link the
+    server uses (`radixrt.worker_process`); by default it runs inline on the loop thread.
+    """
+
+    def __init__(self, model: str | None = None, worker_process: bool = False, **config: Any) -> None:
         self.config = EngineConfig.from_kwargs(model=model, **config)
-        self.worker = Worker(self.config)
+        if worker_process:
+            from radixrt.worker_process import WorkerProcessClient
+
+            self.worker = WorkerProcessClient(self.config)
+        else:
+            self.worker = Worker(self.config)
         self.tokenizer = load_tokenizer(self.worker.model_dir)
         self.max_context = self.worker.max_context
         self._inbox: queue.Queue[tuple[ipc.ToWorker, Future | None]] = queue.Queue()
@@ -162,6 +171,8 @@ class Engine:
         self._closed = True
         self._inbox.put((ipc.ShutdownReq(), None))
         self._thread.join(timeout=10)
+        if hasattr(self.worker, "close"):  # a worker process: stop it and remove its sockets
+            self.worker.close()
 
     def __enter__(self) -> "Engine":
         return self

@@ -21,9 +21,11 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import msgspec
@@ -107,16 +109,20 @@ def run_worker(config: dict, model_dir: str, ipc_dir: str) -> None:
             )
         )
     )
+    orphaned = False
     try:
-        serve(worker, pull, push, parent)
+        orphaned = serve(worker, pull, push, parent)
     finally:
         pull.close(linger=0)
-        push.close()
+        push.close(linger=0 if orphaned else None)
         ctx.term()
+    if orphaned:  # nobody else will remove the socket directory now
+        shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
-def serve(worker, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:
-    """Drain messages, step, push outputs; return on ShutdownReq or when the front end is gone."""
+def serve(worker, pull: zmq.Socket, push: zmq.Socket, parent: int) -> bool:
+    """Drain messages, step, push outputs. Return False on ShutdownReq, True when the front end
+    is gone (checked every iteration: a worker must not outlive the server that owns it)."""
     while True:
         timeout = 0 if worker.has_work() else IDLE_POLL_MS
         while pull.poll(timeout):
@@ -128,7 +134,7 @@ def serve(worker, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:
                 continue
             if isinstance(msg, ipc.ShutdownReq):
                 log.info("shutting down")
-                return
+                return False
             try:
                 reply = worker.handle(msg)
             except Exception as exc:  # one bad request must not take the worker (and everyone's requests) down
@@ -144,4 +150,91 @@ def serve(worker, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:
                 push.send(ipc.encode(ipc.StepOutputs(outputs)))
         if os.getppid() != parent:
             log.warning("the front end is gone; exiting")
-            return
+            return True
+
+
+class WorkerProcessClient:
+    """The Worker's interface (`handle`, `step`, `has_work`) over the sockets, for the offline
+    Engine: `Engine(..., worker_process=True)` runs the model in a child process exactly as the
+    server does, while the Engine's loop thread stays the same."""
+
+    STEP_POLL_MS = 10  # step() waits this long for outputs before returning to the Engine's loop
+
+    def __init__(self, config: EngineConfig, model_dir=None, startup_timeout: float = 600.0) -> None:
+        from radixrt.model.loader import read_model_config, resolve_model_path
+
+        self.model_dir = Path(model_dir or resolve_model_path(config.model))
+        self.model_config = read_model_config(self.model_dir)
+        self.ipc_dir = make_ipc_dir()
+        self._ctx = zmq.Context()
+        self._push, self._pull = self._ctx.socket(zmq.PUSH), self._ctx.socket(zmq.PULL)
+        for sock in (self._push, self._pull):
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.setsockopt(zmq.LINGER, 0)
+        self._push.bind(to_worker_addr(self.ipc_dir))
+        self._pull.bind(from_worker_addr(self.ipc_dir))
+        self._outstanding: set[str] = set()
+        self._buffered: list[ipc.ReqOutput] = []
+        self.process = spawn_worker(config, self.model_dir, self.ipc_dir)
+        ready = self._recv_reply(ipc.WorkerReady, startup_timeout)
+        if ready.error:
+            self.close()
+            raise RuntimeError(f"the worker process failed to start: {ready.error}")
+        self.max_context = ready.max_context
+
+    def handle(self, msg: ipc.ToWorker) -> ipc.FromWorker | None:
+        if isinstance(msg, ipc.GenerateReq):
+            self._outstanding.add(msg.rid)
+        self._push.send(ipc.encode(msg))
+        if isinstance(msg, ipc.StatsReq):
+            return self._recv_reply(ipc.EngineStats)
+        if isinstance(msg, ipc.FlushCacheReq):
+            return self._recv_reply(ipc.FlushCacheResult)
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self._outstanding or self._buffered)
+
+    def step(self) -> list[ipc.ReqOutput]:
+        if not self._buffered and self._pull.poll(self.STEP_POLL_MS):
+            self._take(ipc.decode_from_worker(self._pull.recv()))
+        while self._pull.poll(0):
+            self._take(ipc.decode_from_worker(self._pull.recv()))
+        out, self._buffered = self._buffered, []
+        if not out and not self.process.is_alive():
+            raise RuntimeError(f"the worker process died (exit code {self.process.exitcode})")
+        return out
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.process.is_alive():
+            self._push.send(ipc.encode(ipc.ShutdownReq()), flags=zmq.NOBLOCK)
+            self.process.join(timeout)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(5)
+        self._push.close()
+        self._pull.close()
+        self._ctx.term()
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+    def _take(self, msg: ipc.FromWorker):
+        """Buffer step outputs (tracking which requests finished); hand anything else back."""
+        if not isinstance(msg, ipc.StepOutputs):
+            return msg
+        for out in msg.outputs:
+            if out.finished:
+                self._outstanding.discard(out.rid)
+        self._buffered.extend(msg.outputs)
+        return None
+
+    def _recv_reply(self, kind: type, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._pull.poll(100):
+                reply = self._take(ipc.decode_from_worker(self._pull.recv()))
+                if isinstance(reply, kind):
+                    return reply
+            elif not self.process.is_alive():
+                raise RuntimeError(f"the worker process died (exit code {self.process.exitcode})")
+        raise TimeoutError(f"no {kind.__name__} from the worker in {timeout:.0f} s")

@@ -99,3 +99,12 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
         name: make_tiny_checkpoint(tmp_path_factory.mktemp(name), family, tie, **extra)
         for name, (family, tie, extra) in variants.items()
     }
+
+
+@pytest.fixture(scope="session")
+def default_engine():
+    """One Engine on the default model (SmolLM2-135M-Instruct) for every end-to-end test that needs it."""
+    from radixrt import Engine
+
+    with Engine() as engine:
+        yield engine

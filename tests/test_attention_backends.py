@@ -51,14 +51,14 @@ class Case:
     v: torch.Tensor
 
 
-def make_case(shapes, page_size, heads, kv_heads, head_dim, dtype, seed=0, layer=1) -> Case:
+def make_case(shapes, page_size, heads, kv_heads, head_dim, dtype, seed=0, device="cpu") -> Case:
     """shapes: (cached prefix, new tokens) per request; pages are shuffled across requests."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     need = [-(-(p + n) // page_size) + rng.randrange(2) for p, n in shapes]  # some tables run a page long
-    pool = KVPool(model_config(heads, kv_heads, head_dim), sum(need) + 3, page_size, dtype)
+    pool = KVPool(model_config(heads, kv_heads, head_dim), sum(need) + 3, page_size, dtype, device)
     for t in pool.k + pool.v:
-        t.copy_(torch.randn(t.shape, generator=gen))
+        t.copy_(torch.randn(t.shape, generator=gen).to(dtype))
     free = list(range(pool.num_pages))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(n)] for n in need]
@@ -69,19 +69,17 @@ def make_case(shapes, page_size, heads, kv_heads, head_dim, dtype, seed=0, layer
         slots += [table[i // page_size] * page_size + i % page_size for i in range(prefix, prefix + new)]
     T = qo[-1]
     batch = ForwardBatch(
-        input_ids=torch.zeros(T, dtype=torch.int64),
-        positions=torch.tensor(positions),
-        out_slots=torch.tensor(slots, dtype=torch.int64),
+        input_ids=torch.zeros(T, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, device=device),
+        out_slots=torch.tensor(slots, dtype=torch.int64, device=device),
         qo_indptr=qo,
         prefix_lens=[p for p, _ in shapes],
         seq_lens=[p + n for p, n in shapes],
         page_tables=tables,
-        logits_indices=torch.tensor([e - 1 for e in qo[1:]]),
+        logits_indices=torch.tensor([e - 1 for e in qo[1:]], device=device),
         page_size=page_size,
     )
-    q = torch.randn(T, heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(T, kv_heads, head_dim, generator=gen).to(dtype)
-    v = torch.randn(T, kv_heads, head_dim, generator=gen).to(dtype)
+    q, k, v = (torch.randn(T, h, head_dim, generator=gen).to(dtype).to(device) for h in (heads, kv_heads, kv_heads))
     return Case(pool, batch, q, k, v)
 
 
@@ -100,8 +98,8 @@ def run_backend(backend, case: Case, layer: int = 1):
 def oracle(case: Case, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
     """Dense float64 causal attention, request by request, from keys read through the page table."""
     b = case.batch
-    flat_k = k_pages.reshape(-1, *k_pages.shape[2:]).double()
-    flat_v = v_pages.reshape(-1, *v_pages.shape[2:]).double()
+    flat_k = k_pages.reshape(-1, *k_pages.shape[2:]).cpu().double()
+    flat_v = v_pages.reshape(-1, *v_pages.shape[2:]).cpu().double()
     heads, kv_heads = case.q.shape[1], flat_k.shape[1]
     out = torch.empty(case.q.shape, dtype=torch.float64)
     for r in range(b.batch_size):
@@ -109,7 +107,7 @@ def oracle(case: Case, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Te
         slots = [b.page_tables[r][i // b.page_size] * b.page_size + i % b.page_size for i in range(total)]
         keys = flat_k[slots].repeat_interleave(heads // kv_heads, dim=1)  # [L, H, D]
         values = flat_v[slots].repeat_interleave(heads // kv_heads, dim=1)
-        q = case.q[lo:hi].double()
+        q = case.q[lo:hi].cpu().double()
         scores = torch.einsum("thd,lhd->htl", q, keys) / q.shape[-1] ** 0.5
         visible = torch.arange(total)[None, :] <= (b.prefix_lens[r] + torch.arange(hi - lo))[:, None]
         probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
@@ -118,7 +116,8 @@ def oracle(case: Case, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Te
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+    a, b = a.cpu().double(), b.cpu().double()
+    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def check_parity(backend, case: Case):
@@ -141,7 +140,7 @@ BATCHES = {
 }
 
 
-@pytest.mark.parametrize("page_size", [1, 16, 32])
+@pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 2, 128)], ids=["mha", "gqa3", "gqa4"])
 @pytest.mark.parametrize("batch", list(BATCHES))
 def test_native_fp32_parity(ops, batch, page_size, heads, kv_heads, head_dim):

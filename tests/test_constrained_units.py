@@ -189,8 +189,9 @@ def test_check_names_the_keyword_and_where_it_is():
                 with pytest.raises(GrammarError, match=f"{keyword}.*at /properties/a/anyOf/0"):
                     check(schema, backend)
     check({"type": "object", "properties": {"uniqueItems": {"type": "string"}}}, "xgrammar")  # a name, not a keyword
+    check({"type": "string", "minLength": 2}, "outlines")
     with pytest.raises(GrammarError, match="'minLength'.*combination"):
-        check({"type": "string", "pattern": "^a+$", "minLength": 2}, "xgrammar")
+        check({"type": "string", "pattern": "^a+$", "minLength": 2}, "outlines")
     with pytest.raises(GrammarError, match="format 'date'"):
         check({"type": "string", "format": "date"}, "xgrammar")
 

@@ -195,6 +195,10 @@ def test_n_choices_seed_and_stop(client, model_id):
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
     assert len({c.text for c in first.choices}) > 1  # choice i is seeded with seed + i
 
+    # The n choices share the prompt: the later ones start from its cached pages.
+    fresh = client.completions.create(model=model_id, prompt="w70 w71 w72 w73 w74 w75 w76 w77 w78", max_tokens=2, n=3)
+    assert fresh.usage.prompt_tokens == 9 and fresh.usage.prompt_tokens_details.cached_tokens == 8
+
     greedy = client.completions.create(model=model_id, prompt="w20 w21", max_tokens=8, **GREEDY).choices[0].text
     stop_word = greedy.split()[2]
     stopped = client.completions.create(model=model_id, prompt="w20 w21", max_tokens=8, stop=[stop_word], **GREEDY)
@@ -304,7 +308,15 @@ def test_metrics_and_flush(server, client, model_id):
 # ----- robustness ------------------------------------------------------------------------------
 
 
+def aborted(server) -> float:
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith('radixrt_requests_total{finish_reason="abort"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_client_disconnect_aborts_and_frees_pages(server):
+    before = aborted(server)
     body = {"prompt": "w5 w6", "max_tokens": 500, "ignore_eos": True}
     with httpx.stream(
         "POST", server.url + "/v1/completions", json=dict(body, stream=True), headers={"Authorization": f"Bearer {KEY}"}
@@ -317,7 +329,7 @@ def test_client_disconnect_aborts_and_frees_pages(server):
     s = server.wait_idle()
     assert s["num_running"] == 0 and s["used_pages"] == 0 and s["protected_pages"] == 0
     assert s["free_pages"] + s["cached_pages"] == s["total_pages"]
-    assert 'radixrt_requests_total{finish_reason="abort"}' in server.get("/metrics").text
+    assert aborted(server) == before + 2  # both ended by the disconnect, not by finishing
 
 
 LONG = " ".join(["w5"] * 600)

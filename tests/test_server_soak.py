@@ -150,3 +150,15 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[-1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_worker_exits_when_front_end_is_killed(tiny_llama):
+    """SIGKILL leaves the front end no chance to clean up: the worker notices and exits by itself."""
+    with running_server(*TINY_ARGS, model=tiny_llama) as server:
+        pid = httpx.get(server.url + "/get_server_info", headers=HEADERS).json()["worker_pid"]
+        server.proc.kill()
+        server.proc.wait(10)
+        deadline = time.monotonic() + 15
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid)

@@ -14,6 +14,7 @@ accepting one only sets `_terminated`, and rolling back un-sets it first.
 from __future__ import annotations
 
 import json
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -131,8 +132,6 @@ class GrammarBackend(ABC):
 
     def compile(self, kind: str, spec: str) -> CompiledGrammar:
         """Compile `spec` (see `KINDS`); raise GrammarError for anything invalid or unsupported."""
-        import time
-
         if kind not in KINDS:
             raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {', '.join(KINDS)}")
         start = time.perf_counter()

@@ -10,18 +10,34 @@ own apply kernels go through torch.compile, which costs seconds on the first cal
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
-_BITS: dict[torch.device, torch.Tensor] = {}
+# Byte b of the little-endian int32 word w holds tokens 32w+8b .. 32w+8b+7, lowest bit first, so
+# a [B, words] int32 mask viewed as [B, 4*words] uint8 lists 8 tokens per byte in token order.
+assert sys.byteorder == "little", "the uint8 view of the bitmask assumes a little-endian host"
+
+_PENALTY: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_ALLOWED: dict[torch.device, torch.Tensor] = {}
 
 
-def _bit_values(device: torch.device) -> torch.Tensor:
-    """[1, 2, 4, ..., -2**31] as int32: AND with a word tests each of its 32 bits."""
-    if device not in _BITS:
-        _BITS[device] = (torch.ones(32, dtype=torch.int64) << torch.arange(32)).to(torch.int32).to(device)
-    return _BITS[device]
+def _byte_table(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: bit i of byte value v."""
+    if device not in _ALLOWED:
+        _ALLOWED[device] = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool().to(device)
+    return _ALLOWED[device]
+
+
+def _penalty_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256, 8]: 0 where the bit is set, -inf where it is not (added to logits)."""
+    key = (dtype, device)
+    if key not in _PENALTY:
+        _PENALTY[key] = torch.zeros(256, 8, dtype=dtype, device=device).masked_fill_(
+            ~_byte_table(device), float("-inf"))
+    return _PENALTY[key]
 
 
 def allocate_bitmask(batch_size: int, vocab_size: int) -> torch.Tensor:
@@ -31,7 +47,7 @@ def allocate_bitmask(batch_size: int, vocab_size: int) -> torch.Tensor:
 
 def bitmask_to_allowed(bitmask: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
     """Unpack to bool [B, V] (V = 32 * words unless `vocab_size` trims it)."""
-    allowed = (bitmask.unsqueeze(-1) & _bit_values(bitmask.device)).ne(0).flatten(1)
+    allowed = _byte_table(bitmask.device)[bitmask.contiguous().view(torch.uint8).long()].flatten(1)
     return allowed if vocab_size is None else allowed[:, :vocab_size]
 
 
@@ -39,23 +55,25 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[in
     """Set disallowed logits to -inf, in place, for the constrained `rows` only (None = every row).
 
     Row i of `bitmask` belongs to row i of `logits`; other rows are not read or written, so a
-    request without a grammar is never touched by another's mask. One unpack and one
-    masked_fill cover all constrained rows together.
+    request without a grammar is never touched by another's mask. All constrained rows go
+    through one table lookup (each mask byte -> 8 penalties of 0 or -inf) and one add.
     """
     mask = bitmask.to(logits.device, non_blocking=True)
     if rows is None:
-        _mask_block(logits, bitmask_to_allowed(mask))
+        _add_penalty(logits, mask)
         return
     index = torch.as_tensor(rows, dtype=torch.long, device=logits.device)
     if index.numel() == 0:
         return
     block = logits.index_select(0, index)
-    _mask_block(block, bitmask_to_allowed(mask.index_select(0, index)))
+    _add_penalty(block, mask.index_select(0, index))
     logits.index_copy_(0, index, block)
 
 
-def _mask_block(block: torch.Tensor, allowed: torch.Tensor) -> None:
-    """block [n, V] logits, allowed [n, 32 * words]; ids past the mask are never allowed."""
-    width = min(block.shape[1], allowed.shape[1])
+def _add_penalty(block: torch.Tensor, mask: torch.Tensor) -> None:
+    """block [n, V] logits += penalty of mask [n, words]; ids past the mask are never allowed."""
+    penalty = F.embedding(mask.contiguous().view(torch.uint8).long(), _penalty_table(block.dtype, block.device))
+    penalty = penalty.flatten(1)
+    width = min(block.shape[1], penalty.shape[1])
+    block[:, :width] += penalty[:, :width]
     block[:, width:] = float("-inf")
-    block[:, :width].masked_fill_(~allowed[:, :width], float("-inf"))

@@ -132,13 +132,12 @@ class TokenizerManager:
         try:
             while True:
                 item = await q.get()
-                if isinstance(item, RequestError):
+                if isinstance(item, RequestError) or item.error:  # the worker died, or refused the request
                     done = True
-                    raise item
+                    if self.metrics:
+                        self.metrics.requests.labels("error").inc()
+                    raise item if isinstance(item, RequestError) else RequestError(item.error)
                 out: ipc.ReqOutput = item
-                if out.error:
-                    done = True
-                    raise RequestError(out.error)
                 if out.new_token_ids and self.metrics:
                     now = time.monotonic()
                     (self.metrics.ttft if last == start else self.metrics.itl).observe(now - last)

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from radixrt import __version__
 from radixrt.config import EngineConfig
 from radixrt.frontend.tokenizer_manager import RequestError, TokenizerManager
-from radixrt.server import native, openai_api
+from radixrt.server import native, openai_chat, openai_completions
 from radixrt.server.common import ClientDisconnected, ServerSettings, ServerState, error_response, state
 from radixrt.server.metrics import ServerMetrics
 
@@ -82,7 +82,8 @@ def build_app(
     app.add_exception_handler(ClientDisconnected, _client_gone)
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(native.open_router)
-    app.include_router(openai_api.router, dependencies=[Depends(require_api_key)])
+    app.include_router(openai_chat.router, dependencies=[Depends(require_api_key)])
+    app.include_router(openai_completions.router, dependencies=[Depends(require_api_key)])
     app.include_router(native.router, dependencies=[Depends(require_api_key)])
     return app
 

@@ -14,9 +14,10 @@ import msgspec
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from radixrt.frontend.tokenizer_manager import Delta, RequestError, TokenizerManager
+from radixrt.frontend.tokenizer_manager import Delta, RequestError, TokenizerManager, WorkerUnavailable
 from radixrt.sampling_params import SamplingParams
 from radixrt.server.metrics import ServerMetrics
+from radixrt.server.protocol import SamplingFields
 
 
 @dataclass
@@ -54,6 +55,10 @@ class SSEResponse(StreamingResponse):
     """Server-sent events; the body generator is always closed, which aborts its requests."""
 
     media_type = "text/event-stream"
+
+    def __init__(self, content, **kw) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **kw.pop("headers", {})}
+        super().__init__(content, headers=headers, **kw)
 
     async def stream_response(self, send) -> None:
         try:
@@ -105,6 +110,60 @@ def make_params(values: dict[str, Any], openai_names: bool = True) -> SamplingPa
     return params
 
 
+# ----- OpenAI request fields -> SamplingParams, usage -----------------------------------------
+
+
+def sampling_dict(body: SamplingFields, max_tokens: int, seed: int | None, **extra: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "max_new_tokens": max_tokens,
+        "min_new_tokens": body.min_tokens,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "stop": [body.stop] if isinstance(body.stop, str) else body.stop or [],
+        "seed": seed,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "ignore_eos": body.ignore_eos,
+        "skip_special_tokens": body.skip_special_tokens,
+        **extra,
+    }
+    for name in ("top_k", "min_p", "repetition_penalty", "stop_token_ids"):
+        if getattr(body, name) is not None:
+            d[name] = getattr(body, name)
+    return d
+
+
+def seed_for(body: SamplingFields, i: int) -> int | None:
+    """Choice i of n gets seed + i: reproducible, yet the n choices differ."""
+    if body.seed is None:
+        return None
+    return (body.seed + i + 2**63) % 2**64 - 2**63
+
+
+def finish_reason(d: Delta) -> str | None:
+    return {"grammar_dead_end": "stop"}.get(d.finish_reason, d.finish_reason)
+
+
+def usage(lasts: list[Delta | None], n: int) -> dict[str, Any]:
+    """Each prompt counts once, however many choices (n) it produced."""
+    done = [d for d in lasts if d is not None]
+    prompts = [lasts[i : i + n] for i in range(0, len(lasts), n)]
+    prompt = sum(next((d.prompt_tokens for d in p if d), 0) for p in prompts)
+    cached = sum(max((d.cached_tokens for d in p if d), default=0) for p in prompts)
+    completion = sum(d.completion_tokens for d in done)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def require_worker(st: ServerState) -> None:
+    if not st.manager.healthy:
+        raise WorkerUnavailable(f"the worker is not ready ({st.manager.unhealthy_reason}); retry shortly")
+
+
 def sse(obj: Any) -> bytes:
     return b"data: " + msgspec.json.encode(obj) + b"\n\n"
 
@@ -151,6 +210,37 @@ async def merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int,
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def share_prompt(streams: list[AsyncIterator[Delta]], n: int) -> list[AsyncIterator[Delta]]:
+    """For `n` choices of one prompt (consecutive in `streams`): start choice 0 alone, and the
+    others once it has produced its first token, so they find the prompt in the prefix cache
+    instead of all computing it in the same step."""
+    if n == 1:
+        return streams
+    out: list[AsyncIterator[Delta]] = []
+    for i in range(0, len(streams), n):
+        gate = asyncio.Event()
+        out.append(_opening(streams[i], gate))
+        out += [_gated(s, gate) for s in streams[i + 1 : i + n]]
+    return out
+
+
+async def _opening(stream: AsyncIterator[Delta], gate: asyncio.Event) -> AsyncIterator[Delta]:
+    try:
+        async with contextlib.aclosing(stream) as s:
+            async for d in s:
+                gate.set()
+                yield d
+    finally:
+        gate.set()
+
+
+async def _gated(stream: AsyncIterator[Delta], gate: asyncio.Event) -> AsyncIterator[Delta]:
+    await gate.wait()
+    async with contextlib.aclosing(stream) as s:
+        async for d in s:
+            yield d
 
 
 @dataclass

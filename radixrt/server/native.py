@@ -26,12 +26,13 @@ from radixrt.server.common import (
     collect,
     make_params,
     merge,
+    require_worker,
     sse,
     sse_error,
     state,
     unless_disconnected,
 )
-from radixrt.server.openai_api import require_worker
+from radixrt.server.openai_chat import message_dicts
 from radixrt.server.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest
 
 router = APIRouter()  # behind the API key
@@ -69,8 +70,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
     text = body.prompt
     if body.messages is not None:
         try:
-            messages = [m.model_dump(exclude_none=True) for m in body.messages]
-            text = render_chat(tok, messages, body.add_generation_prompt)
+            text = render_chat(tok, message_dicts(body.messages), body.add_generation_prompt)
         except Exception as exc:
             raise RequestError(str(exc), 400, "messages") from None
     ids = tok.encode(text, add_special_tokens=body.add_special_tokens)

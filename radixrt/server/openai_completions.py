@@ -1,0 +1,167 @@
+"""OpenAI-compatible `/v1/completions` (legacy text completions), streamed (SSE) or not."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+
+from radixrt.frontend.tokenizer_manager import Delta, RequestError
+from radixrt.server.common import (
+    JSON,
+    SSE_DONE,
+    ServerState,
+    SSEResponse,
+    check_model,
+    collect,
+    finish_reason,
+    make_params,
+    merge,
+    require_worker,
+    sampling_dict,
+    seed_for,
+    share_prompt,
+    sse,
+    sse_error,
+    state,
+    unless_disconnected,
+    usage,
+)
+from radixrt.server.protocol import CompletionRequest
+
+router = APIRouter()
+
+
+def prompt_list(mgr, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [mgr.encode(prompt)]
+    if not prompt:
+        raise RequestError("prompt must not be empty", 400, "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [mgr.check_ids(list(prompt))]
+    if all(isinstance(p, str) for p in prompt):
+        return [mgr.encode(p) for p in prompt]
+    return [mgr.check_ids(list(p)) for p in prompt]
+
+
+class CompletionLogprobs:
+    """OpenAI's legacy logprobs object, built incrementally (offsets continue across chunks)."""
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+        self.offset = 0
+
+    def build(self, ids: list[int], lps: list, tops: list | None) -> dict:
+        tokens = [self.tok.decode([t]) for t in ids]
+        offsets = []
+        for s in tokens:
+            offsets.append(self.offset)
+            self.offset += len(s)
+        top = [
+            None if lp is None else {self.tok.decode([t]): v for t, v in (tops[k] if tops and k < len(tops) else [])}
+            for k, lp in enumerate(lps)
+        ]
+        return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": top, "text_offset": offsets}
+
+    def prompt(self, ids: list[int], d: Delta) -> dict:
+        lps = d.prompt_logprobs or [None] * len(ids)
+        return self.build(ids, lps, d.prompt_top_logprobs)
+
+
+def merge_logprobs(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return b
+    return {k: a[k] + b[k] for k in a}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    st = state(request)
+    mgr = st.manager
+    check_model(st, body.model)
+    if body.suffix:
+        raise RequestError("suffix is not supported", 400, "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise RequestError("best_of is not supported (leave it unset or equal to n)", 400, "best_of")
+    prompts = prompt_list(mgr, body.prompt)
+    want_lp = body.logprobs is not None
+    streams, plan = [], []
+    for ids in prompts:
+        max_tokens = body.max_tokens if body.max_tokens is not None else mgr.max_context - len(ids)
+        extra = {"logprobs": want_lp, "top_logprobs": body.logprobs or 0, "prompt_logprobs": want_lp and body.echo and not body.stream}
+        for i in range(body.n):
+            plan.append((ids, make_params(sampling_dict(body, max_tokens, seed_for(body, i), **extra))))
+    require_worker(st)
+    streams = share_prompt([mgr.generate(ids, p) for ids, p in plan], body.n)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return SSEResponse(completion_stream(st, body, rid, created, plan, streams))
+    results = await unless_disconnected(request, collect(streams))
+    choices = []
+    for i, ((ids, _), r) in enumerate(zip(plan, results)):
+        text, lp = r.text, None
+        if body.echo:
+            text = mgr.tokenizer.decode(ids) + text
+        if want_lp:
+            builder = CompletionLogprobs(mgr.tokenizer)
+            lp = builder.prompt(ids, r.last) if body.echo else None
+            lp = merge_logprobs(lp, builder.build(r.token_ids, r.logprobs, r.top_logprobs))
+        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(r.last)})
+    return JSON(
+        {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": st.model_name,
+            "choices": choices,
+            "usage": usage([r.last for r in results], body.n),
+        }
+    )
+
+
+async def completion_stream(st: ServerState, body: CompletionRequest, rid: str, created: int, plan, streams):
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    tok = st.manager.tokenizer
+    builders = [CompletionLogprobs(tok) for _ in plan]
+
+    def chunk(i: int, text: str, reason: str | None = None, logprobs=None) -> bytes:
+        out = {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": st.model_name,
+            "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}],
+        }
+        if include_usage:
+            out["usage"] = None
+        return sse(out)
+
+    lasts: list[Delta | None] = [None] * len(streams)
+    try:
+        if body.echo:
+            for i, (ids, _) in enumerate(plan):
+                yield chunk(i, tok.decode(ids))
+        async for i, d in merge(streams):
+            lasts[i] = d
+            lp = None
+            if body.logprobs is not None:
+                lp = builders[i].build(d.token_ids, d.logprobs or [], d.top_logprobs)
+            if d.text or d.token_ids:
+                yield chunk(i, d.text, logprobs=lp)
+            if d.finished:
+                yield chunk(i, "", finish_reason(d))
+        if include_usage:
+            yield sse(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": st.model_name,
+                    "choices": [],
+                    "usage": usage(lasts, body.n),
+                }
+            )
+    except RequestError as exc:
+        yield sse_error(exc)
+    yield SSE_DONE
