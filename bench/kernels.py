@@ -14,7 +14,8 @@
    "warm" repeats one layer, as MEASURED.md did. Bytes moved = K + V read + q read + out written.
 3. End-to-end decode tokens/s through `Engine` at batch 1/8/32/64 per backend: prompts share a
    224-token prefix (cached once) plus 32 tokens each, then 24 greedy tokens; a step's time is taken
-   around `Worker.step` for decode-only steps. Bytes per step = weights + the KV read by attention.
+   around `Worker.step` for decode-only steps (one Engine per backend, batches alternating between
+   them). Bytes per step = weights + the KV read by attention.
 
 Timings interleave the contenders round by round (contention hits all alike) and report medians and
 the best round; a wide median/best spread or a high load average marks a contended run.
@@ -168,32 +169,41 @@ class StepTimer:
         return out
 
 
-def bench_end_to_end(backend: str, batches: list[int], dtype: str, new_tokens: int = 24) -> list[dict]:
+def bench_end_to_end(backends: list[str], batches: list[int], dtype: str, repeats: int, new_tokens: int = 24) -> list[dict]:
+    """One Engine per backend; each batch size runs on every engine in turn, `repeats` times (ABAB)."""
     from radixrt import Engine
 
     rng = random.Random(0)
     prefix = [rng.randrange(100, 40000) for _ in range(224)]
-    rows = []
-    with Engine(attention_backend=backend, dtype=dtype, max_running_requests=64, chunked_prefill_size=4096) as engine:
-        timer = StepTimer(engine.worker)
-        config = engine.worker.model_config
-        params = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
-        weights = sum(p.numel() * p.element_size() for p in engine.worker.model.parameters())
-        engine.generate(input_ids=[prefix + [5]], sampling_params=dict(params, max_new_tokens=2, min_new_tokens=2))  # cache the prefix
+    params = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
+    engines = [Engine(attention_backend=b, dtype=dtype, max_running_requests=64, chunked_prefill_size=4096) for b in backends]
+    try:
+        timers = [StepTimer(e.worker) for e in engines]
+        for engine in engines:  # cache the shared prefix
+            engine.generate(input_ids=[prefix + [5]], sampling_params=dict(params, max_new_tokens=2, min_new_tokens=2))
+        rows = []
         for b in batches:
-            prompts = [prefix + [rng.randrange(100, 40000) for _ in range(32)] for _ in range(b)]
-            timer.batch, timer.times = b, []
-            engine.generate(input_ids=prompts, sampling_params=params)
-            step = statistics.median(timer.times)
-            context = len(prompts[0]) + new_tokens // 2
-            elt = torch.finfo(engine.config.torch_dtype).bits // 8
-            kv = b * context * config.kv_bytes_per_token(elt)
-            rows.append({
-                "backend": engine.worker.backend.name, "dtype": dtype, "batch": b, "tok_s": b / step,
-                "step_ms": step * 1e3, "best_step_ms": min(timer.times) * 1e3, "steps": len(timer.times),
-                "gbs": (weights + kv) / step / 1e9, "kv_mb": kv / 2**20,
-            })  # fmt: skip
-    return rows
+            times: dict[int, list[float]] = {i: [] for i in range(len(engines))}
+            for _ in range(repeats):
+                for i, (engine, timer) in enumerate(zip(engines, timers)):
+                    prompts = [prefix + [rng.randrange(100, 40000) for _ in range(32)] for _ in range(b)]
+                    timer.batch, timer.times = b, []
+                    engine.generate(input_ids=prompts, sampling_params=params)
+                    times[i] += timer.times
+            for i, engine in enumerate(engines):
+                config, elt = engine.worker.model_config, torch.finfo(engine.config.torch_dtype).bits // 8
+                weights = sum(p.numel() * p.element_size() for p in engine.worker.model.parameters())
+                kv = b * (224 + 32 + new_tokens // 2) * config.kv_bytes_per_token(elt)
+                step = statistics.median(times[i])
+                rows.append({
+                    "backend": engine.worker.backend.name, "dtype": dtype, "batch": b, "tok_s": b / step,
+                    "step_ms": step * 1e3, "best_step_ms": min(times[i]) * 1e3, "steps": len(times[i]),
+                    "gbs": (weights + kv) / step / 1e9, "kv_mb": kv / 2**20,
+                })  # fmt: skip
+        return rows
+    finally:
+        for engine in engines:
+            engine.shutdown()
 
 
 def profile_decode_step(backend: str, batch: int = 32) -> str:
@@ -270,8 +280,7 @@ def main() -> None:
     if not args.skip_e2e:
         batches = [1, 32] if args.quick else [1, 8, 32, 64]
         for dtype in args.e2e_dtypes.split(","):
-            for backend in ("torch", "native"):
-                e2e += bench_end_to_end(backend, batches, dtype)
+            e2e += bench_end_to_end(["torch", "native"], batches, dtype, repeats=1 if args.quick else 2)
         for row in e2e:
             base = next(r for r in e2e if r["backend"] == "torch" and r["batch"] == row["batch"] and r["dtype"] == row["dtype"])
             row["vs_torch"] = row["tok_s"] / base["tok_s"]

@@ -20,7 +20,8 @@ def parse_args(description: str, argv: list[str] | None, max_tokens: int, **extr
     parser.add_argument("--model", default=None, help="checkpoint folder or .gguf (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--url", default=None, help="a running `radixrt serve` to use instead of an in-process engine")
     for name, (kind, value, text) in extra.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value, help=f"{text} (default: %(default)s)")
+        flag = f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, type=kind, default=value, help=f"{text} (default: %(default)s)")
     return parser.parse_args(argv)
 
 

@@ -80,7 +80,8 @@ def react_agent(s, question, max_steps=4, max_tokens=32):
 
 
 def main(argv=None, backend=None) -> list[sgl.ProgramState]:
-    args = parse_args("A ReAct agent with a calculator tool.", argv, max_tokens=32, max_steps=(int, 4, "steps per question"))
+    steps = (int, 4, "steps per question")
+    args = parse_args("A ReAct agent with a calculator tool.", argv, max_tokens=32, max_steps=steps)
     with backend_for(args, backend) as backend:
         batch = [{"question": q, "max_steps": args.max_steps, "max_tokens": args.max_tokens} for q in QUESTIONS]
         states = react_agent.run_batch(batch, backend=backend)

@@ -59,7 +59,7 @@ def spawn_worker(config: EngineConfig, model_dir: str | os.PathLike, ipc_dir: st
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(
         target=run_worker,
-        args=(dataclasses.asdict(config), str(model_dir), str(ipc_dir)),
+        args=(dataclasses.asdict(config), str(model_dir), str(ipc_dir), logging.getLogger().getEffectiveLevel()),
         name="radixrt-worker",
         daemon=True,
     )
@@ -67,14 +67,14 @@ def spawn_worker(config: EngineConfig, model_dir: str | os.PathLike, ipc_dir: st
     return proc
 
 
-def run_worker(config: dict, model_dir: str, ipc_dir: str) -> None:
+def run_worker(config: dict, model_dir: str, ipc_dir: str, log_level: int = logging.INFO) -> None:
     """The child process's entry point: load the model, say ready, serve until told to stop."""
     # The front end owns shutdown: a Ctrl-C or SIGTERM sent to the whole process group must
     # not kill the worker under requests the front end is still draining.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
-        level=os.environ.get("RADIXRT_WORKER_LOG_LEVEL", "INFO"),
+        level=log_level,  # the front end's level
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s worker[%(process)d] %(name)s: %(message)s",
     )

@@ -41,7 +41,8 @@ def test_select_picks_the_right_capital(backend, method):
     @sgl.function
     def capital(s, country):
         s += sgl.user(f"What is the capital of {country}?")
-        s += sgl.assistant(f"The capital of {country} is " + sgl.select("city", list(CAPITALS.values()), choices_method=method))
+        city = sgl.select("city", list(CAPITALS.values()), choices_method=method)
+        s += sgl.assistant(f"The capital of {country} is " + city)
 
     states = capital.run_batch([{"country": c} for c in CAPITALS], backend=backend)
     assert [st["city"] for st in states] == list(CAPITALS.values())
@@ -58,12 +59,12 @@ def test_fork_answers_each_branch(backend):
     def capitals(s):
         s += sgl.system("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
         forks = s.fork(3)
-        forks += lambda i: sgl.user(f"What is the capital of {['France', 'Germany', 'Italy'][i]}?")
+        forks += lambda i: sgl.user(f"What is the capital of {['France', 'Germany', 'Japan'][i]}?")
         forks += sgl.assistant(sgl.gen("city", max_tokens=6, temperature=0))
         forks.join()
 
     cities = capitals.run(backend=backend)["city"]
-    assert [c in answer for c, answer in zip(["Paris", "Berlin", "Rome"], cities)] == [True] * 3, cities
+    assert [c in answer for c, answer in zip(["Paris", "Berlin", "Tokyo"], cities)] == [True] * 3, cities
 
 
 def grammar_enforced(engine) -> bool:
@@ -109,7 +110,11 @@ def test_gen_dtypes(constrained):
 
 
 def test_gen_json_schema(constrained):
-    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}}, "required": ["city", "country"]}
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+    }
 
     @sgl.function
     def where(s):

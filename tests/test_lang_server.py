@@ -69,7 +69,8 @@ def test_endpoint_streams_and_fork_branches_hit_the_cache(runtime):
     assert all(c >= 36 for c in tree.run(backend=runtime)["cached"])
     state = program.run(PREFIX, 8, backend=runtime, stream=True)
     assert "".join(state.text_iter("first")) == program.run(PREFIX, 8, backend=runtime)["first"]
-    chunks = list(runtime.endpoint.generate_stream(FakeState(PREFIX), sgl.lang.ir.SglSamplingParams(8, ignore_eos=True)))
+    params = sgl.lang.ir.SglSamplingParams(8, ignore_eos=True)
+    chunks = list(runtime.endpoint.generate_stream(FakeState(PREFIX), params))
     assert len(chunks) == 8 and chunks[-1][1]["finish_reason"]["type"] == "length"
 
 

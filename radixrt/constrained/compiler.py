@@ -63,13 +63,18 @@ class GrammarCompiler:
         try:
             compiled = self.backend.compile(kind, spec)
         except GrammarError:
-            self.stats.failures += 1
+            self._count(failed=True)
             raise
         except Exception as exc:  # an engine bug must still reach the request as a clean error
-            self.stats.failures += 1
+            self._count(failed=True)
             raise GrammarError(f"{self.backend.name}: failed to compile {kind}: {exc}") from exc
-        self.stats.compile_s += compiled.compile_s
+        self._count(failed=False, seconds=compiled.compile_s)
         return compiled
+
+    def _count(self, failed: bool, seconds: float = 0.0) -> None:
+        with self._lock:
+            self.stats.failures += failed
+            self.stats.compile_s += seconds
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any, Callable, Iterator
 
 from .base import GrammarError
@@ -165,6 +166,25 @@ def _ref_with_siblings(node: dict) -> bool:
     return any(k not in _ANNOTATIONS and k != "$ref" for k in node)
 
 
+def _object_keywords_on_other_type(node: dict) -> bool:
+    types = _declared_types(node)
+    return types is not None and "object" not in types
+
+
+_RISKY_ESCAPES = ("s", "S", "W", "D", "p", "P", "t", "n", "r", "f", "v", "x", "u", "\\")
+
+
+def _pattern_may_break_json(node: dict) -> bool:
+    """outlines pastes a pattern into its JSON-string regex unescaped: a pattern that can match
+    a quote, a backslash or a control character can produce broken JSON."""
+    p = node.get("pattern")
+    if not isinstance(p, str):
+        return False
+    escapes = re.findall(r"\\(.)", p)
+    bare = re.sub(r"\\.", "", p)
+    return "." in bare or "[^" in p or '"' in p or any(e in _RISKY_ESCAPES for e in escapes)
+
+
 def _format_in(*names: str) -> Rule:
     return lambda node: node.get("format") in names
 
@@ -179,13 +199,16 @@ UNSUPPORTED: dict[str, dict[str, Rule]] = {
     "xgrammar": {
         **_COMMON,
         "minLength": None, "maxLength": None,  # bounded strings admit raw control characters
-        "format": _format_in("date", "hostname", "ipv4"),  # any day 01-31; long labels; leading zeros
+        "multipleOf": None,
+        "format": _format_in("date", "date-time", "hostname", "ipv4"),  # any day 01-31; long labels; 077
     },
     "llguidance": {},
     "outlines": {
         **_COMMON,
         **dict.fromkeys(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-                         "minProperties", "maxProperties", "propertyNames")),
+                         "minProperties", "maxProperties", "propertyNames", "patternProperties")),
+        "properties": _object_keywords_on_other_type,  # {"type": "array", "properties": {}} -> {}
+        "pattern": _pattern_may_break_json,
         "minLength": _length_with_pattern, "maxLength": _length_with_pattern,
         # date: any day 01-31; date-time, time: no offset, bad escapes; email, uri: unescaped quotes
         "format": lambda node: node.get("format") != "uuid",

@@ -62,7 +62,8 @@ def gen(
     The variable holds the generated text (`int(s["n"])` for a number, as in SGLang).
     """
     if choices is not None:
-        return select(name, choices, 0.0 if temperature is None else temperature, choices_method or token_length_normalized)
+        temperature = 0.0 if temperature is None else temperature
+        return select(name, choices, temperature, choices_method or token_length_normalized)
     if n not in (None, 1):
         raise NotImplementedError("gen(n=...) is not supported: use s.fork(n) for several samples")
     if stop_regex is not None:

@@ -127,7 +127,8 @@ class StreamExecutor:
         if name in self.variables:
             return self.variables[name]
         if self.error_ is not None:
-            raise ProgramError(f"variable {name!r} was never set: the program failed with {self.error_!r}") from self.error_
+            message = f"variable {name!r} was never set: the program failed with {self.error_!r}"
+            raise ProgramError(message) from self.error_
         known = ", ".join(repr(k) for k in self.variables) or "none yet"
         raise VariableNotFoundError(f"this program state has no variable {name!r} (it has: {known})")
 
@@ -234,7 +235,9 @@ class StreamExecutor:
 
     def _role_begin(self, role: str) -> None:
         if self.cur_role is not None:
-            raise ValueError(f"cannot begin a {role!r} block inside the open {self.cur_role!r} block; roles do not nest")
+            raise ValueError(
+                f"cannot begin a {role!r} block inside the open {self.cur_role!r} block; roles do not nest"
+            )
         self.text_ += self.chat_template.prefix(role, first=not self.messages_)
         self.cur_role, self.cur_role_begin_pos = role, len(self.text_)
 

@@ -126,7 +126,9 @@ def as_expr(value: Any) -> Expr:
         return value
     if isinstance(value, str):
         return Text(value)
-    raise TypeError(f"cannot append {type(value).__name__} to a program state; use a string or a radixrt.lang expression")
+    raise TypeError(
+        f"cannot append {type(value).__name__} to a program state; use a string or a radixrt.lang expression"
+    )
 
 
 def _items(expr: Expr) -> list[Expr]:

@@ -65,10 +65,12 @@ class SglFunction:
         Raises the program's error (after recording it in the state). With `stream=True` it
         returns at once: read with `state.text_iter(name)`; errors stay in `state.error()`.
         """
-        defaults = ir.SglSamplingParams(
-            max_new_tokens, 0, stop or (), stop_token_ids or (), temperature, top_p, top_k, min_p,
-            frequency_penalty, presence_penalty, ignore_eos, return_logprob, logprob_start_len,
-            top_logprobs_num, return_text_in_logprobs,
+        defaults = _defaults(
+            max_new_tokens=max_new_tokens, stop=stop, stop_token_ids=stop_token_ids, temperature=temperature,
+            top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, ignore_eos=ignore_eos, return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
+            return_text_in_logprobs=return_text_in_logprobs,
         )  # fmt: skip
         return run_program(self, resolve_backend(backend), args, kwargs, defaults, stream)
 
@@ -103,10 +105,12 @@ class SglFunction:
         batch = [self._as_kwargs(a) for a in batch_kwargs]
         if not batch:
             return []
-        defaults = ir.SglSamplingParams(
-            max_new_tokens, 0, stop or (), stop_token_ids or (), temperature, top_p, top_k, min_p,
-            frequency_penalty, presence_penalty, ignore_eos, return_logprob, logprob_start_len,
-            top_logprobs_num, return_text_in_logprobs,
+        defaults = _defaults(
+            max_new_tokens=max_new_tokens, stop=stop, stop_token_ids=stop_token_ids, temperature=temperature,
+            top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, ignore_eos=ignore_eos, return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
+            return_text_in_logprobs=return_text_in_logprobs,
         )  # fmt: skip
         return run_program_batch(self, resolve_backend(backend), batch, defaults, num_threads, progress_bar)
 
@@ -121,6 +125,10 @@ class SglFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> ProgramState:
         return self.run(*args, **kwargs)
+
+
+def _defaults(stop, stop_token_ids, **values: Any) -> ir.SglSamplingParams:
+    return ir.SglSamplingParams(stop=stop or (), stop_token_ids=stop_token_ids or (), **values)
 
 
 def run_program(

@@ -55,8 +55,6 @@ class EngineBackend(BaseBackend):
     ) -> ChoicesDecision:
         scoring.check_select(choices, temperature)
         items = scoring.split_choices(self._encode, s.text_, choices)
-        if len(items) > 1:
-            self.cache_prefix(s.text_)  # the choices then all start from the cached prefix
         outs = self.engine.generate(
             input_ids=[it.ids for it in items],
             sampling_params=[_score_params(it.start) for it in items],

@@ -130,19 +130,19 @@ class OpenAI(BaseBackend):
         self, s, choices: list[str], temperature: float, choices_method: ChoicesSamplingMethod
     ) -> ChoicesDecision:
         scoring.check_select(choices, temperature)
-        prefix = s.text_
-        conditional = [
-            _after(entries, len(prefix)) for entries in self._echo_logprobs([prefix + c for c in choices])
-        ]
+        # Echo the prefix alone too: a choice's tokens are those after the longest run of tokens
+        # it shares with the prefix's own tokens (as scoring.split_choices does with token ids).
+        prefix, *echoed = self._echo_logprobs([s.text_] + [s.text_ + c for c in choices])
+        conditional = [_tail(entries, _shared(prefix, entries)) for entries in echoed]
         unconditional = None
         if choices_method.requires_unconditional_logprobs:
-            alone = [_after(entries, 0) for entries in self._echo_logprobs(list(choices))]
+            alone = [_tail(entries, 0) for entries in self._echo_logprobs(list(choices))]
             # In context a choice may tokenize differently; compare position by position from its end.
             unconditional = [_align(u, len(c)) for u, c in zip(alone, conditional)]
         return scoring.decide(choices, choices_method, conditional, unconditional)
 
-    def _echo_logprobs(self, prompts: list[str]) -> list[list[tuple[float | None, str, int]]]:
-        """(logprob, token text, text offset) of every prompt token, from `/v1/completions` with echo."""
+    def _echo_logprobs(self, prompts: list[str]) -> list[list[tuple[float | None, str]]]:
+        """(logprob, token text) of every prompt token, from `/v1/completions` with echo."""
         res = self._api(
             self.client.completions.create,
             model=self.model_name,
@@ -155,12 +155,12 @@ class OpenAI(BaseBackend):
         out: list[Any] = [None] * len(prompts)
         for choice in res.choices:
             lp = choice.logprobs
-            if lp is None or lp.token_logprobs is None or lp.text_offset is None:
+            if lp is None or lp.token_logprobs is None or lp.tokens is None:
                 raise BackendError(
                     "select() needs prompt log-probs (/v1/completions with echo=True, logprobs=0) "
                     f"and the server did not return them for model {self.model_name!r}"
                 )
-            out[choice.index] = list(zip(lp.token_logprobs, lp.tokens, lp.text_offset))
+            out[choice.index] = list(zip(lp.token_logprobs, lp.tokens))
         return out
 
     def _api(self, create, **kwargs: Any):
@@ -169,7 +169,8 @@ class OpenAI(BaseBackend):
         except self._openai.APIConnectionError as exc:
             raise BackendError(f"cannot reach the OpenAI-compatible server at {self.client.base_url}: {exc}") from exc
         except self._openai.APIStatusError as exc:
-            raise BackendError(f"the OpenAI-compatible server refused the request ({exc.status_code}): {exc.message}") from exc
+            message = f"the OpenAI-compatible server refused the request ({exc.status_code}): {exc.message}"
+            raise BackendError(message) from exc
 
     def _count(self, usage: Any) -> None:
         if usage is not None:
@@ -177,9 +178,16 @@ class OpenAI(BaseBackend):
             self.token_usage.completion_tokens += usage.completion_tokens or 0
 
 
-def _after(entries: list[tuple[float | None, str, int]], offset: int) -> list[list[Any]]:
-    """The tokens that end past `offset` (the choice's tokens, with one spanning the boundary)."""
-    return [[lp if lp is not None else 0.0, None, tok] for lp, tok, start in entries if start + len(tok) > offset]
+def _shared(prefix: list[tuple], entries: list[tuple]) -> int:
+    """How many leading tokens `entries` has in common with `prefix` (at least one is left)."""
+    n = 0
+    while n < min(len(prefix), len(entries) - 1) and prefix[n][1] == entries[n][1]:
+        n += 1
+    return n
+
+
+def _tail(entries: list[tuple[float | None, str]], start: int) -> list[list[Any]]:
+    return [[lp if lp is not None else 0.0, None, tok] for lp, tok in entries[start:]]
 
 
 def _align(entries: list[list[Any]], n: int) -> list[list[Any]]:

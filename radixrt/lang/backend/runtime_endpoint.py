@@ -95,8 +95,6 @@ class RuntimeEndpoint(BaseBackend):
     ) -> ChoicesDecision:
         scoring.check_select(choices, temperature)
         items = scoring.split_choices(self._encode, s.text_, choices)
-        if len(items) > 1:
-            self.cache_prefix(s.text_)
         conditional = self._prompt_logprobs([it.ids for it in items], [it.start for it in items])
         unconditional = None
         if choices_method.requires_unconditional_logprobs:

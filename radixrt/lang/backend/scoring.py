@@ -8,8 +8,11 @@ Every choice is scored as a continuation of the state's text, all in one batched
 
 Tokenizing text + choice together keeps what the model would really see when BPE merges
 across the boundary ("token healing"); the choice's score covers its ids from `start` on.
-The request asks for prompt log-probs from `start` only, so the prefix before it (cached
-just before, or by earlier calls) is read from the radix cache rather than recomputed.
+All choices go to the engine as one batch, each asking for prompt log-probs from its `start`
+only, so the prefix before it is read from the radix cache: cached by the program's earlier
+calls, or (the part that is not) computed once by the first choice while the others wait for
+it (the scheduler's in-batch prefix sharing). A separate caching request first would cost a
+scheduling step per select for nothing.
 """
 
 from __future__ import annotations
