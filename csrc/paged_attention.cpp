@@ -77,6 +77,11 @@ struct Scratch {
 // Ask for the next block's key and value rows (the task's heads) while this block computes: the
 // rows sit on scattered pages, and a decode is bound by how fast they arrive. Into L2 (prefetcht1),
 // not L1: a whole block in flight would evict the block being computed on, and costs ~5x.
+#ifndef RADIXRT_PREFETCH
+#define RADIXRT_PREFETCH 1
+#endif
+constexpr bool kPrefetch = RADIXRT_PREFETCH;
+
 template <typename T>
 void prefetch_block(const Problem& p, const int32_t* pages, int kb, int kv_end, int h0, int h1, const T* kc,
                     const T* vc) {
@@ -127,7 +132,7 @@ void run_task(const Problem& p, const Task& t, const T* q, const T* kc, const T*
       sc.base[j] = (int64_t(pages[page]) * p.page_size + row) * p.kv_s_token;
       if (++row == p.page_size) row = 0, ++page;
     }
-    if (kb + kBlock < kv_end) prefetch_block(p, pages, kb + kBlock, kv_end, t.h0, t.h1, kc, vc);
+    if (kPrefetch && kb + kBlock < kv_end) prefetch_block(p, pages, kb + kBlock, kv_end, t.h0, t.h1, kc, vc);
     for (int hk = t.h0; hk < t.h1; ++hk) {
       const int64_t head_off = int64_t(hk) * D;
       for (int j = 0; j < n; ++j) {

@@ -134,7 +134,7 @@ class Engine:
                 if out.finished or stop:
                     text += detok.flush()
                     if stop:
-                        self.abort(rid)
+                        self.abort(rid, "stop")
                     finished = True
                     reason = "stop" if stop else out.finish_reason
                     yield StreamChunk(text, out.new_token_ids, True, reason, _usage(out), out.logprobs, out.top_logprobs)
@@ -157,8 +157,8 @@ class Engine:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools=None) -> str:
         return render_chat(self.tokenizer, messages, add_generation_prompt, tools)
 
-    def abort(self, rid: str) -> None:
-        self._inbox.put((ipc.AbortReq(rid), None))
+    def abort(self, rid: str, reason: str = "abort") -> None:
+        self._inbox.put((ipc.AbortReq(rid, reason), None))
 
     def flush_cache(self) -> bool:
         """Drop every cached prefix; refused (False) while requests hold cached pages."""
@@ -260,7 +260,7 @@ class Engine:
                 top.extend(out.top_logprobs or [])
                 detok.add(out.new_token_ids)
                 if detok.stopped and not out.finished:
-                    self.abort(rid)
+                    self.abort(rid, "stop")
                     reason = "stop"
                 elif out.finished:
                     reason = out.finish_reason

@@ -20,6 +20,7 @@ class GenerateReq(msgspec.Struct, tag="generate"):
 
 class AbortReq(msgspec.Struct, tag="abort"):
     rid: str
+    reason: str = "abort"  # "stop" when the front end saw a stop string: the request finished normally
 
 
 class FlushCacheReq(msgspec.Struct, tag="flush_cache"):

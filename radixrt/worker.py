@@ -71,7 +71,7 @@ class Worker:
         if isinstance(msg, ipc.GenerateReq):
             self.add_request(msg)
         elif isinstance(msg, ipc.AbortReq):
-            self.abort(msg.rid)
+            self.abort(msg.rid, msg.reason)
         elif isinstance(msg, ipc.FlushCacheReq):
             return ipc.FlushCacheResult(ok=self.flush_cache())
         elif isinstance(msg, ipc.StatsReq):
@@ -99,12 +99,10 @@ class Worker:
             return f"token ids must be in [0, {vocab})"
         return None
 
-    def abort(self, rid: str) -> None:
-        req = self.reqs.pop(rid, None)
-        if req is None:
-            return
-        self.scheduler.remove(req)
-        self._pending.append(self._output(req, [], "abort"))
+    def abort(self, rid: str, reason: str = "abort") -> None:
+        req = self.reqs.get(rid)
+        if req is not None:
+            self._pending.append(self._finish(req, [], reason))
 
     def flush_cache(self) -> bool:
         return self.cache.flush()

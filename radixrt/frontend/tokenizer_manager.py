@@ -151,7 +151,7 @@ class TokenizerManager:
                 text += detok.flush()
                 done = True
                 if stop_matched:
-                    self.link.send(ipc.AbortReq(rid), required=False)
+                    self.link.send(ipc.AbortReq(rid, "stop"), required=False)
                 delta = _delta(out, text)
                 delta.finished = True
                 delta.finish_reason = "stop" if detok.stopped else out.finish_reason
