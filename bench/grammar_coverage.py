@@ -123,7 +123,7 @@ def summarize(records: list[dict], mask_s: list[float]) -> dict:
     n = len(records)
     count = lambda pred: sum(1 for r in records if pred(r))  # noqa: E731
     compiled = [r for r in records if r["status"] == "ok"]
-    covered = count(lambda r: r["status"] == "ok" and r["finished"] > 0 and r["invalid"] == 0 and r["errors"] == 0)
+    covered = count(lambda r: r["status"] == "ok" and r["finished"] and not r["invalid"] and not r["errors"])
     compile_ms = np.array([r["compile_s"] * 1e3 for r in compiled]) if compiled else np.zeros(1)
     mask_us = np.array(mask_s) * 1e6 if mask_s else np.zeros(1)
     return {
@@ -143,7 +143,8 @@ def summarize(records: list[dict], mask_s: list[float]) -> dict:
         "mask_us_p99": float(np.percentile(mask_us, 99)),
         "mask_steps": len(mask_s),
         "top_compile_errors": _top([r.get("error", "") for r in records if r["status"] == "compile_error"]),
-        "top_invalid_reasons": _top([r["invalid_example"]["reason"] for r in records if r.get("invalid_example")]),
+        "top_invalid_reasons": _top([r["invalid_example"]["reason"] for r in records
+                                     if r.get("invalid_example")]),
     }
 
 
@@ -163,7 +164,8 @@ def print_table(summaries: dict[str, dict]) -> None:
     for name, s in summaries.items():
         print(f"| {name} | {s['schemas']} | {s['compiled']} | {s['covered']} ({100 * s['coverage']:.1f}%) | "
               f"{s['invalid']} | {s['unfinished']} | {s['timeouts'] + s['crashes']} | "
-              f"{s['compile_ms_p50']:.1f} / {s['compile_ms_p99']:.0f} | {s['mask_us_p50']:.0f} / {s['mask_us_p99']:.0f} |")
+              f"{s['compile_ms_p50']:.1f} / {s['compile_ms_p99']:.0f} | "
+              f"{s['mask_us_p50']:.0f} / {s['mask_us_p99']:.0f} |")
 
 
 def main() -> None:

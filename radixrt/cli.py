@@ -28,6 +28,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--starvation-timeout-s", type=float, default=d.starvation_timeout_s, help="age after which a waiting request goes first (default: %(default)s)")
     g.add_argument("--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS, help="default: %(default)s")
     g.add_argument("--grammar-backend", default=d.grammar_backend, help="constrained decoding engine (default: %(default)s)")
+    g.add_argument("--enable-jump-forward", action="store_true", help="compute grammar-forced text in one step")
     g.add_argument("--num-threads", type=int, default=None, help="torch threads in the worker (default: torch's)")
     g.add_argument("--seed", type=int, default=d.seed, help="global random seed (default: %(default)s)")
 

@@ -36,6 +36,7 @@ from itertools import chain
 
 import torch
 
+from radixrt.constrained.bitmask import apply_bitmask
 from radixrt.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -160,9 +161,17 @@ class SampleOutput:
     top_logprobs: torch.Tensor | None  # [B, max_top_logprobs] float32
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, allowed: torch.Tensor | None = None) -> SampleOutput:
-    """Pick one token per row of `logits` [B, V]; `allowed` [B, V] bool comes from constrained decoding.
+def sample(
+    logits: torch.Tensor,
+    batch: SamplingBatch,
+    allowed: torch.Tensor | None = None,
+    bitmask: torch.Tensor | None = None,
+    bitmask_rows: list[int] | None = None,
+) -> SampleOutput:
+    """Pick one token per row of `logits` [B, V].
 
+    Constrained decoding passes either `allowed` [B, V] bool, or a packed int32 `bitmask`
+    [B, ceil(V/32)] applied to `bitmask_rows` only (cheaper: one table lookup per mask byte).
     `logits` is never modified. Log-probs are of the raw distribution (before any mask or
     penalty), as vLLM reports by default.
     """
@@ -170,10 +179,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, allowed: torch.Tensor | N
     x = raw
     if allowed is not None:
         x = x.masked_fill(~allowed, _NEG_INF)
+    if bitmask is not None:
+        x = x.clone() if x is raw else x
+        apply_bitmask(x, bitmask, bitmask_rows)
+    constrained = allowed is not None or bitmask is not None
     if batch.any_min_tokens or batch.any_penalty:
         x = x.clone() if x is raw else x
         if batch.any_min_tokens:
-            _mask_min_tokens(x, batch, check_dead_rows=allowed is not None)
+            _mask_min_tokens(x, batch, check_dead_rows=constrained)
         _apply_penalties(x, batch)
 
     token_ids = x.argmax(dim=-1) if batch.all_greedy else _sample_rows(x, batch, owned=x is not raw)

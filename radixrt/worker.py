@@ -19,7 +19,8 @@ from radixrt.cache.base import NoPrefixCache
 from radixrt.cache.page_pool import KVPool
 from radixrt.cache.radix_tree import RadixCache
 from radixrt.config import EngineConfig
-from radixrt.model.loader import iter_weights, read_model_config, resolve_model_path
+from radixrt.constrained.manager import GrammarManager
+from radixrt.model.loader import iter_weights, load_tokenizer, read_model_config, resolve_model_path
 from radixrt.model.llama import LlamaForCausalLM
 from radixrt.request import Req
 from radixrt.sampling import SamplingBatch, prompt_logprobs, sample
@@ -60,6 +61,9 @@ class Worker:
         self.scheduler = Scheduler(config, self.pool.allocator, self.cache, self.max_context)
         self.backend = make_attention_backend(config.attention_backend, config.device)
         self.eos_ids = set(self.model_config.eos_token_ids)
+        self.grammars = GrammarManager(
+            config.grammar_backend, lambda: load_tokenizer(self.model_dir), self.model_config.vocab_size, sorted(self.eos_ids)
+        )
         self.reqs: dict[str, Req] = {}
         self._pending: list[ipc.ReqOutput] = []
         self.totals = {"prompt": 0, "generated": 0, "cached": 0, "finished": 0}
@@ -85,7 +89,10 @@ class Worker:
             return
         req = Req(msg.rid, list(msg.input_ids), msg.params)
         self.reqs[req.rid] = req
-        self.scheduler.add(req)
+        if msg.params.grammar_spec:
+            self.grammars.submit(req)  # joins the scheduler once its grammar has compiled
+        else:
+            self.scheduler.add(req)
 
     def _check_request(self, msg: ipc.GenerateReq) -> str | None:
         if msg.rid in self.reqs:
@@ -108,14 +115,19 @@ class Worker:
         return self.cache.flush()
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._pending)
+        return self.scheduler.has_work() or bool(self._pending) or bool(self.grammars.compiling)
 
     # ----- one step ----------------------------------------------------------------------
 
     def step(self) -> list[ipc.ReqOutput]:
         outputs, self._pending = self._pending, []
+        ready, failed = self.grammars.poll()
+        for req in ready:
+            self.scheduler.add(req)
+        outputs.extend(self._finish(req, [], "error", error) for req, error in failed)
         scheduled = self.scheduler.schedule()
         if scheduled is None:
+            self.grammars.wait(timeout=0.01)
             return outputs
         batch, sample_rows, prompt_rows = self._build_batch(scheduled)
         logits = self.model(batch, self.pool, self.backend)
@@ -205,7 +217,8 @@ class Worker:
             self.model_config.vocab_size,
             logits.device,
         )
-        result = sample(picked, batch)
+        masks = self.grammars.bitmask(reqs)
+        result = sample(picked, batch, bitmask=masks and masks[0], bitmask_rows=masks and masks[1])
         tokens = result.token_ids.tolist()
         chosen = result.logprobs.tolist() if result.logprobs is not None else None
         top_ids = result.top_logprob_ids.tolist() if result.top_logprob_ids is not None else None
@@ -213,22 +226,38 @@ class Worker:
         now = time.monotonic()
         outputs = []
         for i, (req, token) in enumerate(zip(reqs, tokens)):
+            if req.grammar is not None and not req.grammar.accept_token(token):
+                outputs.append(self._finish(req, [], "grammar_dead_end"))  # never emit a rejected token
+                continue
             req.append_token(token)
             req.first_token_time = req.first_token_time or now
             if req.params.logprobs and chosen is not None:
                 req.output_logprobs.append(chosen[i])
                 k = req.params.top_logprobs
                 req.output_top_logprobs.append(list(zip(top_ids[i][:k], top_vals[i][:k])) if k and top_ids else [])
+            new = [token]
             reason = self._stop_reason(req, token)
+            if reason is None and req.grammar is not None and self.config.enable_jump_forward:
+                new += self._jump_forward(req)
             if reason:
-                outputs.append(self._finish(req, [token], reason))
+                outputs.append(self._finish(req, new, reason))
             else:
-                outputs.append(self._output(req, [token], None))
+                outputs.append(self._output(req, new, None))
         return outputs
+
+    def _jump_forward(self, req: Req) -> list[int]:
+        """Append the text the grammar forces; the next step computes it as one chunk, not a step per token."""
+        forced = self.grammars.jump_forward(req, req.params.max_new_tokens - len(req.output_ids))
+        for token in forced:
+            req.append_token(token)
+            if req.params.logprobs:  # forced, not sampled: certain under the grammar
+                req.output_logprobs.append(0.0)
+                req.output_top_logprobs.append([])
+        return forced
 
     def _stop_reason(self, req: Req, token: int) -> str | None:
         params = req.params
-        if token in params.stop_token_ids:
+        if token in params.stop_token_ids or (req.grammar is not None and req.grammar.is_terminated()):
             return "stop"
         if token in self.eos_ids and not params.ignore_eos and len(req.output_ids) >= params.min_new_tokens:
             return "stop"
@@ -236,14 +265,17 @@ class Worker:
             return "length"
         return None
 
-    def _finish(self, req: Req, new_tokens: list[int], reason: str) -> ipc.ReqOutput:
+    def _finish(self, req: Req, new_tokens: list[int], reason: str, error: str | None = None) -> ipc.ReqOutput:
+        self.grammars.discard(req)
         self.scheduler.remove(req)
         self.reqs.pop(req.rid, None)
         self.totals["prompt"] += len(req.prompt_ids)
         self.totals["generated"] += len(req.output_ids)
         self.totals["cached"] += req.cached_tokens
         self.totals["finished"] += 1
-        return self._output(req, new_tokens, reason)
+        out = self._output(req, new_tokens, reason)
+        out.error = error
+        return out
 
     def _output(self, req: Req, new_tokens: list[int], reason: str | None) -> ipc.ReqOutput:
         n = len(new_tokens)

@@ -21,7 +21,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the llguidance grammar backend needs llguidance: pip install llguidance") from exc
 
 # Compact JSON with the usual separators; unknown keywords are errors, not silently ignored.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+                 "lenient": False}
 
 
 class LLGuidanceMatcher(GrammarMatcher):
@@ -59,7 +60,8 @@ class LLGuidanceBackend(GrammarBackend):
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int] | None = None,
                  preprocess: bool = True) -> None:
         super().__init__(tokenizer, vocab_size, stop_token_ids, preprocess)
-        self._tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(self.stop_token_ids))
+        self._tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
+                                                 eos_token=list(self.stop_token_ids))
 
     def _compile(self, kind: str, spec: str) -> Any:
         if kind == "json_schema":

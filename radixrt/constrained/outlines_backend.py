@@ -27,7 +27,6 @@ _MAX_JUMP_BYTES = 1024
 _REGEX_META = set("\\.+*?()|[]{}^$#&-~")
 
 
-
 def _json_object_regex() -> str:
     """A JSON object whose values are scalars, or flat objects/arrays of scalars:
     {"k": 1, "o": {"x": 2}, "a": [1, "b"]}, but not {"o": {"p": {}}}.
@@ -47,7 +46,8 @@ _JSON_OBJECT = _json_object_regex()
 
 
 class OutlinesMatcher(GrammarMatcher):
-    def __init__(self, compiled: "_Compiled", guide: "oc.Guide", stop_token_ids: Sequence[int], vocab_size: int) -> None:
+    def __init__(self, compiled: "_Compiled", guide: "oc.Guide", stop_token_ids: Sequence[int],
+                 vocab_size: int) -> None:
         super().__init__(stop_token_ids, vocab_size)
         self._c = compiled
         self._guide = guide
@@ -119,8 +119,8 @@ class OutlinesBackend(GrammarBackend):
         starting: dict[int, list[int]] = {}
         for data, ids in by_bytes.items():
             starting.setdefault(data[0], []).append(ids[0])
-        self._probes = [(b, by_bytes[bytes([b])][:1], True) if bytes([b]) in by_bytes else (b, starting[b], False)
-                        for b in sorted(starting)]
+        self._probes = [(b, by_bytes[bytes([b])][:1], True) if bytes([b]) in by_bytes
+                        else (b, starting[b], False) for b in sorted(starting)]
 
     def _compile(self, kind: str, spec: str) -> Any:
         if kind == "json_schema":
@@ -133,7 +133,8 @@ class OutlinesBackend(GrammarBackend):
             raise GrammarError("outlines: EBNF grammars are not supported (outlines-core compiles regular "
                                "languages only); use the xgrammar or llguidance backend")
         else:
-            regex = "|".join("".join("\\" + ch if ch in _REGEX_META else ch for ch in c) for c in parse_choices(spec))
+            regex = "|".join("".join("\\" + ch if ch in _REGEX_META else ch for ch in choice)
+                             for choice in parse_choices(spec))
         return _Compiled(oc.Index(regex, self._vocab), self._probes)
 
     def matcher(self, compiled: CompiledGrammar) -> OutlinesMatcher:

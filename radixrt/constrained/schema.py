@@ -159,7 +159,8 @@ def _length_with_pattern(node: dict) -> bool:
 
 
 def _undeclared_required(node: dict) -> bool:
-    return isinstance(node.get("properties"), dict) and not set(node.get("required", [])) <= set(node["properties"])
+    props = node.get("properties")
+    return isinstance(props, dict) and not set(node.get("required", [])) <= set(props)
 
 
 def _ref_with_siblings(node: dict) -> bool:
@@ -189,8 +190,9 @@ def _format_in(*names: str) -> Rule:
     return lambda node: node.get("format") in names
 
 
-_NEVER = ("not", "if", "then", "else", "uniqueItems", "contains", "minContains", "maxContains", "dependencies",
-          "dependentRequired", "dependentSchemas", "unevaluatedProperties", "unevaluatedItems")
+_NEVER = ("not", "if", "then", "else", "uniqueItems", "contains", "minContains", "maxContains",
+          "dependencies", "dependentRequired", "dependentSchemas", "unevaluatedProperties",
+          "unevaluatedItems")
 
 _COMMON = {**dict.fromkeys(_NEVER), "allOf": None, "oneOf": None,  # a oneOf left by normalize overlaps
            "anyOf": _with_siblings, "required": _undeclared_required, "$ref": _ref_with_siblings}
@@ -235,7 +237,8 @@ _SCHEMA_ONE = ("additionalProperties", "additionalItems", "unevaluatedProperties
                "contains", "propertyNames", "not", "if", "then", "else")
 
 
-def subschemas(node: Any, path: str = "", parent: dict | None = None) -> Iterator[tuple[str, dict, dict | None]]:
+def subschemas(node: Any, path: str = "",
+               parent: dict | None = None) -> Iterator[tuple[str, dict, dict | None]]:
     """Every schema object inside `node` (depth first): its JSON pointer, itself, its parent."""
     if not isinstance(node, dict):
         return

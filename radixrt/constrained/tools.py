@@ -69,7 +69,8 @@ def _chosen_name(tool_choice: Any) -> str | None:
         name = (tool_choice.get("function") or {}).get("name", tool_choice.get("name"))
         if isinstance(name, str):
             return name
-    raise ValueError(f"tool_choice must be 'auto', 'required', 'none' or name a function, not {tool_choice!r}")
+    raise ValueError(f"tool_choice must be 'auto', 'required', 'none' or name a function, "
+                     f"not {tool_choice!r}")
 
 
 def _has_ref(node: Any) -> bool:

@@ -106,10 +106,12 @@ class Walker:
 
 
 # ---- checking outputs (needs the `jsonschema` package, a test dependency) --------------------
-_DATE_TIME = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2}(?:\.\d+)?)([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
+_DATE_TIME = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2}(?:\.\d+)?)([Zz]|[+-]\d{2}:\d{2})",
+                        re.ASCII)
 _TIME = re.compile(r"(\d{2}):(\d{2}):(\d{2})(?:\.\d+)?(?:[Zz]|[+-](\d{2}):(\d{2}))", re.ASCII)
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s\"<>\\^`{|}]*", re.ASCII)
-_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", re.ASCII)
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*", re.ASCII)
 
 
 def _format_checker():
@@ -169,7 +171,9 @@ def json_validator(schema):
             error = next(iter(validator.iter_errors(value)), None)
         except Exception as exc:  # noqa: BLE001 - a malformed schema breaks the validator itself
             return f"unverifiable: {type(exc).__name__}: {exc}"[:200]
-        return None if error is None else f"{error.message[:200]} at {'/'.join(map(str, error.absolute_path))}"
+        if error is None:
+            return None
+        return f"{error.message[:200]} at {'/'.join(map(str, error.absolute_path))}"
 
     return check
 

@@ -67,7 +67,8 @@ class XGrammarBackend(GrammarBackend):
     def _compile(self, kind: str, spec: str) -> Any:
         c = self._compiler
         if kind == "json_schema":
-            return c.compile_json_schema(self._schema(spec), any_whitespace=False, separators=(", ", ": "), strict_mode=True)
+            return c.compile_json_schema(self._schema(spec), any_whitespace=False, separators=(", ", ": "),
+                                         strict_mode=True)
         if kind == "json_object":
             return c.compile_json_schema('{"type": "object"}', any_whitespace=False, separators=(", ", ": "),
                                          strict_mode=False)  # strict would allow only {}
