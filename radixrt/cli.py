@@ -103,6 +103,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run bench/run_all.py from the source checkout this package was installed from."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "run_all.py"
+    if not script.exists():
+        print("radixrt bench needs a source checkout (bench/ is not installed with the package)", file=sys.stderr)
+        return 2
+    flags = ["--quick"] * args.quick + ["--render-only"] * args.render_only + (["--only", args.only] if args.only else [])
+    return subprocess.call([sys.executable, str(script), *flags])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radixrt", description="A prefix-caching LLM runtime for agent programs.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: %(default)s)")
@@ -120,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
     add_engine_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="run every benchmark and render docs/benchmarks.md (see bench/run_all.py)")
+    bench.add_argument("--quick", action="store_true", help="smoke-sized runs")
+    bench.add_argument("--only", default="", help="comma-separated bench names, e.g. throughput,serve")
+    bench.add_argument("--render-only", action="store_true", help="only re-render docs/benchmarks.md from results")
+    bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default: 127.0.0.1:30000)")
     add_server_args(serve)

@@ -141,7 +141,7 @@ def seed_for(body: SamplingFields, i: int) -> int | None:
 
 
 def finish_reason(d: Delta) -> str | None:
-    return {"grammar_dead_end": "stop"}.get(d.finish_reason, d.finish_reason)
+    return d.finish_reason  # "stop", "length", "abort" or "grammar_dead_end" (the output is incomplete)
 
 
 def usage(lasts: list[Delta | None], n: int) -> dict[str, Any]:
@@ -210,6 +210,36 @@ async def merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int,
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def name_errors(stream: AsyncIterator[Delta], param: str | None) -> AsyncIterator[Delta]:
+    """A request the worker refuses (a grammar that does not compile) is a 400 naming `param`."""
+    try:
+        async with contextlib.aclosing(stream) as s:
+            async for d in s:
+                yield d
+    except RequestError as exc:
+        if exc.status == 400 and exc.param is None and param:
+            exc.param, exc.message = param, f"invalid {param}: {exc.message}"
+        raise
+
+
+async def prime(streams: list[AsyncIterator[Delta]]) -> list[AsyncIterator[Delta]]:
+    """Wait for the first stream's first output, so that its errors come before the response
+    starts (all streams of a request share its grammar). The other streams have not started."""
+    first = streams[0]
+    try:
+        head = await anext(first)
+    except StopAsyncIteration:
+        return streams
+
+    async def resumed() -> AsyncIterator[Delta]:
+        async with contextlib.aclosing(first):
+            yield head
+            async for d in first:
+                yield d
+
+    return [resumed(), *streams[1:]]
 
 
 def share_prompt(streams: list[AsyncIterator[Delta]], n: int) -> list[AsyncIterator[Delta]]:

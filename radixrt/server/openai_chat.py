@@ -1,7 +1,8 @@
-"""OpenAI-compatible `/v1/chat/completions`, streamed (SSE) or not."""
+"""OpenAI-compatible `/v1/chat/completions`, streamed (SSE) or not; tools in `tool_calls.py`."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -19,6 +20,8 @@ from radixrt.server.common import (
     finish_reason,
     make_params,
     merge,
+    name_errors,
+    prime,
     require_worker,
     sampling_dict,
     seed_for,
@@ -30,15 +33,26 @@ from radixrt.server.common import (
     usage,
 )
 from radixrt.server.protocol import ChatCompletionRequest
+from radixrt.server.tool_calls import ToolPlan, ToolStream, plan_tools
 
 router = APIRouter()
 
 
 def message_dicts(messages) -> list[dict]:
-    """Pydantic messages -> the dicts chat templates expect ('developer' is OpenAI's new 'system')."""
-    return [
-        dict(m.model_dump(exclude_none=True), role="system" if m.role == "developer" else m.role) for m in messages
-    ]
+    """Pydantic messages -> the dicts chat templates expect ('developer' is OpenAI's new 'system';
+    tool-call arguments as objects, not OpenAI's JSON strings)."""
+    out = []
+    for m in messages:
+        d = dict(m.model_dump(exclude_none=True), role="system" if m.role == "developer" else m.role)
+        for call in d.get("tool_calls") or []:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                try:
+                    fn["arguments"] = json.loads(fn["arguments"])
+                except ValueError:
+                    pass
+        out.append(d)
+    return out
 
 
 def chat_logprobs(tok, ids: list[int], lps: list[float], tops: list | None) -> dict:
@@ -59,11 +73,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = state(request)
     mgr = st.manager
     check_model(st, body.model)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise RequestError("response_format json_object/json_schema is not supported yet", 400, "response_format")
+    grammar, param = body.grammar()
+    tools = plan_tools(body, getattr(mgr.tokenizer, "chat_template", None))
+    if tools.schema is not None:
+        if grammar:
+            raise RequestError(f"tool_choice forces a tool call; it cannot be combined with {param}", 400, param)
+        grammar, param = {"json_schema": tools.schema}, "tools"
     messages = message_dicts(body.messages)
     try:
-        text = render_chat(mgr.tokenizer, messages, body.add_generation_prompt, body.tools)
+        text = render_chat(mgr.tokenizer, messages, body.add_generation_prompt, tools.template_tools)
     except ValueError as exc:
         raise RequestError(str(exc), 400, "messages") from None
     except Exception as exc:  # a Jinja error raised by the model's own template
@@ -73,27 +91,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if max_tokens is None:
         max_tokens = mgr.max_context - len(ids)
     top = body.top_logprobs or 0
-    params = [
-        make_params(sampling_dict(body, max_tokens, seed_for(body, i), logprobs=body.logprobs, top_logprobs=top))
-        for i in range(body.n)
-    ]
+    extra = dict(logprobs=body.logprobs, top_logprobs=top, **grammar)
+    params = [make_params(sampling_dict(body, max_tokens, seed_for(body, i), **extra)) for i in range(body.n)]
     require_worker(st)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    streams = share_prompt([mgr.generate(ids, p) for p in params], body.n)
+    streams = share_prompt([name_errors(mgr.generate(ids, p), param) for p in params], body.n)
     if body.stream:
-        return SSEResponse(chat_stream(st, body, rid, created, streams))
+        if grammar:  # a grammar that does not compile is a 400, not an error event
+            streams = await unless_disconnected(request, prime(streams))
+        return SSEResponse(chat_stream(st, body, rid, created, streams, tools))
     results = await unless_disconnected(request, collect(streams))
     choices = []
     for i, r in enumerate(results):
         lp = chat_logprobs(mgr.tokenizer, r.token_ids, r.logprobs, r.top_logprobs) if body.logprobs else None
-        choices.append(
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": r.text},
-                "logprobs": lp,
-                "finish_reason": finish_reason(r.last),
-            }
-        )
+        message, reason = tools.message(r.text, finish_reason(r.last))
+        choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
     return JSON(
         {
             "id": rid,
@@ -106,7 +118,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     )
 
 
-async def chat_stream(st: ServerState, body: ChatCompletionRequest, rid: str, created: int, streams):
+async def chat_stream(st: ServerState, body: ChatCompletionRequest, rid: str, created: int, streams, tools: ToolPlan):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def chunk(i: int, delta: dict, reason: str | None = None, logprobs=None) -> bytes:
@@ -122,18 +134,29 @@ async def chat_stream(st: ServerState, body: ChatCompletionRequest, rid: str, cr
         return sse(out)
 
     lasts: list[Delta | None] = [None] * len(streams)
+    # With tools, text that may be a call is held back and sent as one tool_calls delta at the end.
+    parsers = [ToolStream(tools) if tools.active else None for _ in streams]
     try:
         for i in range(len(streams)):
-            yield chunk(i, {"role": "assistant", "content": ""})
+            yield chunk(i, {"role": "assistant", "content": None if tools.schema else ""})
         async for i, d in merge(streams):
             lasts[i] = d
             lp = None
             if body.logprobs and d.token_ids and d.logprobs:
                 lp = chat_logprobs(st.manager.tokenizer, d.token_ids, d.logprobs, d.top_logprobs)
-            if d.text or lp:
-                yield chunk(i, {"content": d.text}, logprobs=lp)
+            text = parsers[i].feed(d.text) if parsers[i] else d.text
+            if text or lp:
+                yield chunk(i, {"content": text}, logprobs=lp)
             if d.finished:
-                yield chunk(i, {}, finish_reason(d))
+                reason = finish_reason(d)
+                if parsers[i]:
+                    rest, calls = parsers[i].finish()
+                    if rest:
+                        yield chunk(i, {"content": rest})
+                    if calls:
+                        yield chunk(i, {"tool_calls": [dict(c, index=k) for k, c in enumerate(calls)]})
+                        reason = "tool_calls"
+                yield chunk(i, {}, reason)
         if include_usage:
             yield sse(
                 {

@@ -7,9 +7,12 @@ Unknown fields are ignored, as OpenAI clients send options we do not implement.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from radixrt.frontend.worker_link import RequestError
 
 INT32 = 2**31 - 1
 MAX_N = 16  # choices per request
@@ -40,9 +43,49 @@ class ChatMessage(_Body):
     tool_call_id: str | None = None
 
 
+class JsonSchemaFormat(_Body):
+    name: str | None = Field(None, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema the reply must satisfy")
+    strict: bool | None = Field(None, description="accepted; the schema is enforced either way")
+
+
 class ResponseFormat(_Body):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs "json_schema": {"name": ..., "schema": {...}}')
+        return self
+
+
+class FunctionDef(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema for the arguments object")
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type", "object") != "object":
+            raise ValueError(f'must be a JSON schema of type "object" (got type {v.get("type")!r})')
+        return v
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedToolChoice(_Body):
+    class Name(_Body):
+        name: str
+
+    type: Literal["function"] = "function"
+    function: Name
 
 
 class SamplingFields(_Body):
@@ -69,6 +112,40 @@ class SamplingFields(_Body):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
+    # Constrained output: OpenAI's response_format, or one of radixrt/SGLang's fields (vLLM's names work too).
+    response_format: ResponseFormat | None = None
+    regex: str | None = Field(None, validation_alias=AliasChoices("regex", "guided_regex"), description="alias guided_regex")
+    ebnf: str | None = Field(None, validation_alias=AliasChoices("ebnf", "guided_grammar"), description="alias guided_grammar")
+    json_schema: str | dict[str, Any] | None = Field(
+        None, validation_alias=AliasChoices("json_schema", "guided_json"), description="alias guided_json"
+    )
+    choices: list[str] | None = Field(
+        None, min_length=1, validation_alias=AliasChoices("choices", "guided_choice"), description="alias guided_choice"
+    )
+
+    def grammar(self) -> tuple[dict[str, Any], str | None]:
+        """The constraint asked for, as SamplingParams fields, and the request field that set it."""
+        found: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("response_format", {"json_schema": '{"type": "object"}'}))
+        elif rf is not None and rf.type == "json_schema":
+            found.append(("response_format", {"json_schema": json.dumps(rf.json_schema.schema_)}))
+        for name in ("regex", "ebnf", "json_schema", "choices"):
+            value = getattr(self, name)
+            if name == "json_schema" and isinstance(value, str):
+                try:
+                    json.loads(value)
+                except ValueError as exc:
+                    raise RequestError(f"json_schema is not valid JSON: {exc}", 400, "json_schema") from None
+            elif name == "json_schema" and value is not None:
+                value = json.dumps(value)
+            if value is not None:
+                found.append((name, {name: value}))
+        if len(found) > 1:
+            names = ", ".join(n for n, _ in found)
+            raise RequestError(f"at most one output constraint per request; got {names}", 400, found[1][0])
+        return (found[0][1], found[0][0]) if found else ({}, None)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -77,8 +154,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: MaxTokens | None = Field(None, description="default: the rest of the context")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = Field(None, description="passed to the chat template; calls are not parsed")
+    tools: list[Tool] | None = Field(None, description="functions the model may call (see docs/server.md)")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='"auto" (default with tools), "none", "required", or {"type": "function", "function": {"name": ...}}'
+    )
+    parallel_tool_calls: bool | None = Field(None, description="accepted; a forced call is always a single one")
     add_generation_prompt: bool = True
 
 
