@@ -163,12 +163,11 @@ inline void accumulate(float* acc, float alpha, const float* p, const float* con
     for (int i = 0; i < d; ++i) acc[i] += p[j] * v[j][i];
 }
 
-
-// One online-softmax step of `rows` query rows over the same n key and value rows:
+// Online softmax, one block of n keys at a time, for `rows` query rows over the same key rows:
 //   s = q . k^T;  m' = max(m, max s);  l = l * e^(m - m') + sum e^(s - m');
 //   acc = acc * e^(m - m') + e^(s - m') . v
 // q, acc: `rows` rows of d floats (q pre-scaled); m, l: per row; s: scratch of kMaxGroup * s_stride.
-constexpr int kMaxGroup = 4;
+constexpr int kMaxGroup = 4;  // query rows the vector path keeps in registers at once
 
 inline float max_of(const float* x, int n, bool simd) {
 #if RADIXRT_HAVE_AVX512

@@ -60,7 +60,9 @@ def build_directory() -> Path:
 
 
 def _compile_flags() -> list[str]:
-    flags = ["-O3"]
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the extension
+    # itself is built with OpenMP; it then uses the libgomp torch already loaded (same soname).
+    flags = ["-O3", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")
     elif platform.machine() in ("aarch64", "arm64"):
@@ -88,6 +90,7 @@ def _build() -> ModuleType:
         name="radixrt_native",
         sources=[str(CSRC / s) for s in SOURCES],
         extra_cflags=_compile_flags(),
+        extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
         verbose=verbose,
     )

@@ -90,7 +90,11 @@ class Worker:
         req = Req(msg.rid, list(msg.input_ids), msg.params)
         self.reqs[req.rid] = req
         if msg.params.grammar_spec:
-            self.grammars.submit(req)  # joins the scheduler once its grammar has compiled
+            try:
+                self.grammars.submit(req)  # joins the scheduler once its grammar has compiled
+            except Exception as exc:  # the grammar engine could not be set up for this tokenizer
+                self.reqs.pop(req.rid)
+                self._pending.append(ipc.ReqOutput(msg.rid, [], True, "error", error=f"constrained decoding unavailable: {exc}"))
         else:
             self.scheduler.add(req)
 

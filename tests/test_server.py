@@ -362,7 +362,7 @@ BAD_INPUTS = [
     ),
     (
         "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": "w5"}], "response_format": {"type": "json_object"}},
+        {"messages": [{"role": "user", "content": "w5"}], "response_format": {"type": "json_schema"}},
         "response_format",
     ),
     ("/v1/completions", {}, "prompt"),
