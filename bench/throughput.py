@@ -145,7 +145,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(engine.worker.model_dir, torch_dtype=getattr(torch, args.dtype)).eval()
+    hf = AutoModelForCausalLM.from_pretrained(engine.worker.model_dir, dtype=getattr(torch, args.dtype)).eval()
     secs, toks = hf_generate(hf, tokenizer, prompts, args.output_tokens)
     results["hf_batched"] = {"seconds": secs, "output_tokens": toks, "tok_s": toks / secs}
     rows.append({"system": f"transformers generate, batched ({args.num_prompts}, padded)", "output tok/s": toks / secs, "seconds": secs})

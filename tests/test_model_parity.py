@@ -18,7 +18,7 @@ VARIANTS = ["llama-gqa-untied", "llama-tied", "qwen2-bias", "mistral", "llama3-r
 def hf_model(folder):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def ours(folder, dtype="float32"):

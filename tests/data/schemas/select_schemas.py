@@ -5,7 +5,8 @@
 Deterministic: candidates are the Glaiveai2K and Github_trivial schemas that the default
 grammar backend (llguidance) compiles and whose compact text is at most MAX_CHARS; for each
 feature in FEATURES, in that order, the first QUOTA candidates not yet picked that have it
-(the two folders interleaved, each in filename order); then the remaining candidates,
+(the two folders interleaved, each in filename order; Glaiveai2K holds many variants of one
+function, e.g. calculate_area_<hash>, so only the first of each name is a candidate); then the remaining candidates,
 interleaved the same way, up to TOTAL. The files are copied unchanged to
 jsonschemabench/<subset>/<name> next to this script. tests/test_constrained_engine.py imports
 `features()` from here and asserts that the copied corpus covers every feature.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -96,8 +98,11 @@ def select(source: Path = SOURCE) -> list[tuple[str, set[str]]]:
     backend = get_backend("llguidance", tok, len(tok))
     per_subset = []
     for subset in SUBSETS:
-        ok = []
+        ok, families = [], set()
         for path in sorted((source / subset).glob("*.json")):
+            family = re.sub(r"_[0-9a-f]{8}$", "", path.stem)  # Glaive: one schema per function name
+            if family in families:
+                continue
             text = path.read_text()
             schema = json.loads(text)
             if len(json.dumps(schema, separators=(",", ":"))) > MAX_CHARS:
@@ -106,6 +111,7 @@ def select(source: Path = SOURCE) -> list[tuple[str, set[str]]]:
                 backend.compile("json_schema", text)
             except GrammarError:
                 continue
+            families.add(family)
             ok.append((f"{subset}/{path.name}", features(schema)))
         per_subset.append(ok)
     candidates = list(_interleave(per_subset))
