@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+import zlib
 
 from tqdm import tqdm
 
@@ -74,8 +75,10 @@ def control(run: Runner, rng: random.Random, n: int) -> None:
     run.round([f"{i} {text(rng, 60)}" for i in range(n)])
 
 
-def optimal_hit_rate(records, page_size: int) -> float:
-    """Hit rate of an unbounded cache that sees each request after everything submitted before it."""
+def replay(records, page_size: int) -> tuple[float, int]:
+    """Optimal hit rate and KV footprint of a workload: replays it through an unbounded page-aligned
+    cache that sees each request after everything submitted before it. Returns (hit rate, distinct
+    tokens, i.e. how many tokens of KV hold the whole workload at once)."""
     seen: set[tuple[int, ...]] = set()
     hit = total = 0
     for prompt, output, _, _ in records:
@@ -89,7 +92,22 @@ def optimal_hit_rate(records, page_size: int) -> float:
         full = prompt + output
         for i in range(1, len(full) // page_size + 1):
             seen.add(tuple(full[: i * page_size]))
-    return hit / max(total, 1)
+    return hit / max(total, 1), len(seen) * page_size
+
+
+def shared_prefix_len(records) -> int:
+    """Tokens every prompt of the workload starts with (the system prompt of (b))."""
+    prompts = [r[0] for r in records]
+    n = min(map(len, prompts))
+    return next((i for i in range(n) if any(p[i] != prompts[0][i] for p in prompts)), n)
+
+
+def third_of_conversations(run: dict, convs: int) -> int:
+    """A KV pool that holds the shared system prompt and a third of (b)'s conversations at full
+    length: the memory-pressure variant, sized from the unbounded run's measured footprint."""
+    shared = run["shared_prefix_tokens"]
+    per_conversation = (run["workload_kv_tokens"] - shared) / convs
+    return int(shared + per_conversation * convs / 3)
 
 
 def measure(engine: Engine, workload, seed: int, max_new: int) -> dict:
@@ -100,6 +118,7 @@ def measure(engine: Engine, workload, seed: int, max_new: int) -> dict:
     secs = time.perf_counter() - start
     prompt = sum(len(r[0]) for r in run.records)
     out = sum(len(r[1]) for r in run.records)
+    optimal, footprint = replay(run.records, engine.config.page_size)
     stats = engine.stats()
     return {
         "seconds": secs,
@@ -108,7 +127,10 @@ def measure(engine: Engine, workload, seed: int, max_new: int) -> dict:
         "total_tok_s": (prompt + out) / secs,
         "mean_ttft_s": sum(r[3] for r in run.records) / len(run.records),
         "hit_rate": sum(r[2] for r in run.records) / max(prompt, 1),
-        "optimal_hit_rate": optimal_hit_rate(run.records, engine.config.page_size),
+        "optimal_hit_rate": optimal,
+        "workload_kv_tokens": footprint,
+        "shared_prefix_tokens": shared_prefix_len(run.records),
+        "pool_tokens": stats.total_pages * engine.config.page_size,
         "evicted_tokens": stats.evicted_tokens,
         "preemptions": stats.num_preemptions,
     }
@@ -134,28 +156,28 @@ def main() -> None:
         "fcfs": {"schedule_policy": "fcfs"},
         "cache off": {"disable_radix_cache": True},
     }
-    # Memory pressure: room for about a third of (b)'s conversations at their final length.
-    convs, turns, system_words = (4, 3, 100) if q else (16, 5, 400)
-    conv_tokens = int(1.4 * system_words) + turns * (25 + args.max_new + 8)
-    tight_gb = (convs / 3) * conv_tokens * 2 * 30 * 3 * 64 * (4 if args.dtype == "float32" else 2) / 2**30
-    pressure = {f"{name} (tight KV)": dict(v, kv_memory_gb=tight_gb) for name, v in variants.items() if name != "cache off"}
-
     plan = [(w, v, opts) for w in workloads for v, opts in variants.items()]
-    plan += [("b multi-turn", v, opts) for v, opts in pressure.items()]
-    results, rows = [], []
+    plan += [("b multi-turn", f"{v} (tight KV)", dict(opts, tight=True)) for v, opts in variants.items() if v != "cache off"]
+    results = []
     engines: dict[str, Engine] = {}
+    tight_tokens = None
     for workload, variant, opts in tqdm(plan, desc="prefix reuse", unit="run"):
+        if opts.pop("tight", False):
+            opts["max_total_tokens"] = tight_tokens
         key = repr(sorted(opts.items()))
         if key not in engines:
             for e in engines.values():
                 e.shutdown()
             engines = {key: Engine(args.model, dtype=args.dtype, max_running_requests=64, **opts)}
-        r = measure(engines[key], workloads[workload], seed=hash(workload) % 1000, max_new=args.max_new)
+        r = measure(engines[key], workloads[workload], seed=zlib.crc32(workload.encode()) % 1000, max_new=args.max_new)
         r.update(workload=workload, variant=variant)
         results.append(r)
+        if workload == "b multi-turn" and variant == "lpm":
+            tight_tokens = third_of_conversations(r, convs=4 if q else 16)
     for e in engines.values():
         e.shutdown()
 
+    rows = []
     base = {r["workload"]: r for r in results if r["variant"] == "cache off"}
     for r in results:
         off = base.get(r["workload"])
@@ -164,12 +186,13 @@ def main() -> None:
             "workload": r["workload"], "variant": r["variant"], "req": r["requests"],
             "total tok/s": r["total_tok_s"], "speedup": r["speedup_vs_cache_off"] or "",
             "mean TTFT s": r["mean_ttft_s"], "hit rate": r["hit_rate"], "optimal": r["optimal_hit_rate"],
-            "evicted": r["evicted_tokens"],
+            "evicted": r["evicted_tokens"], "preempted": r["preemptions"], "pool": r["pool_tokens"],
         })  # fmt: skip
-    cols = ["workload", "variant", "req", "total tok/s", "speedup", "mean TTFT s", "hit rate", "optimal", "evicted"]
+    cols = ["workload", "variant", "req", "total tok/s", "speedup", "mean TTFT s", "hit rate", "optimal", "evicted", "preempted", "pool"]
     print(f"\nmodel: default SmolLM2-135M-Instruct, dtype {args.dtype}, {args.max_new} output tokens per request\n")
     print(table(rows, cols))
-    print("results:", save("prefix_reuse", {"config": vars(args), "runs": results}))
+    print(f"tight KV: a pool of {tight_tokens} tokens (shared system prompt + a third of the conversations)")
+    print("results:", save("prefix_reuse", {"config": vars(args), "tight_kv_tokens": tight_tokens, "runs": results}))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda (default: %(default)s)")
     g.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page (default: %(default)s)")
     g.add_argument("--kv-memory-gb", type=float, default=d.kv_memory_gb, help="KV page pool budget in GiB (default: %(default)s)")
+    g.add_argument("--max-total-tokens", type=int, default=None, help="cap the KV pool at this many tokens (default: --kv-memory-gb decides)")
     g.add_argument("--max-running-requests", type=int, default=d.max_running_requests, help="max batch size (default: %(default)s)")
     g.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size, help="prefill tokens per step (default: %(default)s)")
     g.add_argument("--max-context-len", type=int, default=None, help="cap on prompt + output tokens (default: the model's)")
@@ -28,7 +29,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--starvation-timeout-s", type=float, default=d.starvation_timeout_s, help="age after which a waiting request goes first (default: %(default)s)")
     g.add_argument("--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS, help="default: %(default)s")
     g.add_argument("--grammar-backend", default=d.grammar_backend, help="constrained decoding engine (default: %(default)s)")
-    g.add_argument("--enable-jump-forward", action="store_true", help="compute grammar-forced text in one step")
+    g.add_argument("--disable-jump-forward", dest="enable_jump_forward", action="store_false",
+                   help="decode grammar-forced text token by token (default: append it and compute it in one step)")
     g.add_argument("--num-threads", type=int, default=None, help="torch threads in the worker (default: torch's)")
     g.add_argument("--seed", type=int, default=d.seed, help="global random seed (default: %(default)s)")
 

@@ -19,6 +19,7 @@ class EngineConfig:
     device: str = "cpu"
     page_size: int = 16
     kv_memory_gb: float = 1.0  # K+V page pool budget
+    max_total_tokens: int | None = None  # cap the pool at this many tokens (SGLang's name); None: kv_memory_gb decides
     max_running_requests: int = 64
     chunked_prefill_size: int = 512  # prefill tokens per step (decode tokens ride along)
     max_context_len: int | None = None  # default: the model's max_position_embeddings
@@ -27,7 +28,7 @@ class EngineConfig:
     starvation_timeout_s: float = 10.0  # a waiting request older than this jumps the policy order
     attention_backend: str = "auto"
     grammar_backend: str = "llguidance"  # chosen by measured schema coverage: docs/constrained.md
-    enable_jump_forward: bool = False  # append grammar-forced text in one chunk (see docs/constrained.md)
+    enable_jump_forward: bool = True  # append grammar-forced text in one chunk (see docs/constrained.md)
     num_threads: int | None = None  # torch intra-op threads in the worker; None: torch's default
     seed: int = 0
 
@@ -38,6 +39,8 @@ class EngineConfig:
             raise ValueError(f"page_size must be a power of two >= 1 (got {self.page_size})")
         if self.kv_memory_gb <= 0:
             raise ValueError(f"kv_memory_gb must be > 0 (got {self.kv_memory_gb})")
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
+            raise ValueError(f"max_total_tokens must be >= page_size (got {self.max_total_tokens})")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1 (got {self.max_running_requests})")
         if self.chunked_prefill_size < self.page_size:

@@ -52,6 +52,8 @@ class Worker:
         num_pages = KVPool.pages_for_budget(
             self.model_config, int(config.kv_memory_gb * 2**30), config.page_size, config.torch_dtype
         )
+        if config.max_total_tokens is not None:
+            num_pages = min(num_pages, config.max_total_tokens // config.page_size)
         self.pool = KVPool(self.model_config, num_pages, config.page_size, config.torch_dtype, config.device)
         cache_cls = NoPrefixCache if config.disable_radix_cache else RadixCache
         self.cache = cache_cls(config.page_size, self.pool.allocator)
@@ -251,7 +253,8 @@ class Worker:
 
     def _jump_forward(self, req: Req) -> list[int]:
         """Append the text the grammar forces; the next step computes it as one chunk, not a step per token."""
-        forced = self.grammars.jump_forward(req, req.params.max_new_tokens - len(req.output_ids))
+        budget = min(req.params.max_new_tokens - len(req.output_ids), self.max_context - req.num_tokens)
+        forced = self.grammars.jump_forward(req, budget)  # never past max_context: pool-sized contexts hang
         for token in forced:
             req.append_token(token)
             if req.params.logprobs:  # forced, not sampled: certain under the grammar

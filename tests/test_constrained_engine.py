@@ -19,7 +19,9 @@ minutes. The schema is enforced by the grammar, which is what is under test.
 A 135M model under a grammar sometimes loops inside a free string or an unbounded number
 until max_new_tokens (finish_reason "length": the output is cut, so not a complete document).
 Those outputs are checked to be a prefix the grammar accepts; "stop" outputs must parse and
-validate; and at least MIN_STOP_SHARE must finish with "stop" (measured: 205 of 216, 94.9%).
+validate; and at least MIN_STOP_SHARE must finish with "stop" (measured: 202 of 216, 93.5%, at
+128 tokens; 205, 94.9%, at 192 tokens, which took ~50% longer). Runtime: ~105 s on the idle
+2-core machine (2 engine loads, ~8,100 corpus tokens), ~130 s with another benchmark running.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ CORPUS = sorted((SCHEMAS / "jsonschemabench").glob("*/*.json"))
 CORPUS_MAX_TOKENS = 128
 MIN_STOP_SHARE = 0.92
 # Greedy, with a frequency penalty: plain greedy decoding of this model loops on digits and
-# repeated phrases inside strings (65% finished at 128 tokens; 94% with the penalty).
+# repeated phrases inside strings (142 of 216 finished at 128 tokens; 202 with the penalty;
+# repetition_penalty 1.1: 186, presence_penalty 1.5: 195, temperature 0.6 + penalty: ~202).
 CORPUS_PARAMS = {"temperature": 0.0, "frequency_penalty": 1.0}
 
 SYSTEM = (
@@ -161,17 +164,19 @@ def engine(default_engine):
 
 
 @pytest.fixture(scope="module")
-def jf_engine():
+def step_engine():
+    """Jump-forward off: every token decoded by the model, the reference for jump-forward (on by default)."""
     from radixrt import Engine
 
-    with Engine(enable_jump_forward=True) as engine:
+    with Engine(enable_jump_forward=False) as engine:
         yield engine
 
 
 def _corpus_requests(engine, paths):
     specs = [p.read_text() for p in paths]
     prompts = [corpus_prompt(engine, p, json.loads(s)) for p, s in zip(paths, specs)]
-    params = [{"max_new_tokens": CORPUS_MAX_TOKENS, "json_schema": s, **CORPUS_PARAMS} for s in specs]
+    # logprobs: forced tokens report log-prob 0.0, which shows jump-forward happened
+    params = [{"max_new_tokens": CORPUS_MAX_TOKENS, "json_schema": s, "logprobs": True, **CORPUS_PARAMS} for s in specs]
     return specs, prompts, params
 
 
@@ -179,7 +184,12 @@ def _corpus_requests(engine, paths):
 def corpus(engine):
     specs, prompts, params = _corpus_requests(engine, CORPUS)
     outputs = engine.generate(prompts, params)
-    return Outcome(CORPUS, specs, outputs, engine)
+    outcome = Outcome(CORPUS, specs, outputs, engine)
+    outcome.outputs = outputs
+    print(f"\ncorpus: {len(outcome.stopped)}/{len(outcome.rows)} finished with 'stop'; invalid "
+          f"{len(outcome.invalid(False))}, duplicate keys {len(outcome.invalid(True))}, generated "
+          f"{sum(len(o.token_ids) for o in outputs)} tokens")
+    return outcome
 
 
 @pytest.fixture(scope="module")
@@ -285,39 +295,66 @@ def test_engine_keeps_serving_after_errors(engine):
     assert len(out[1].token_ids) >= 1
 
 
-# ---- jump-forward ------------------------------------------------------------------------------------------------
-JF_CORPUS = CORPUS[::4]  # 54 schemas, every 4th in the corpus order
+# ---- jump-forward (on by default) -----------------------------------------------------------------------------------
+STEP_CORPUS = CORPUS[::4]  # 54 schemas, every 4th in the corpus order
 
 
 @pytest.fixture(scope="module")
-def jf_corpus(jf_engine):
-    specs, prompts, params = _corpus_requests(jf_engine, JF_CORPUS)
-    for p in params:
-        p["logprobs"] = True  # forced tokens report log-prob 0.0: shows the jump happened
-    outputs = jf_engine.generate(prompts, params)
-    return Outcome(JF_CORPUS, specs, outputs, jf_engine), outputs
+def step_corpus(step_engine):
+    specs, prompts, params = _corpus_requests(step_engine, STEP_CORPUS)
+    return Outcome(STEP_CORPUS, specs, step_engine.generate(prompts, params), step_engine)
 
 
-def test_jump_forward_outputs_stay_valid(jf_corpus):
-    outcome, outputs = jf_corpus
-    share = len(outcome.stopped) / len(outcome.rows)
-    assert share >= MIN_STOP_SHARE - 0.05, [(r["name"], r["text"][:80]) for r in outcome.rows if r["reason"] != "stop"]
-    bad = outcome.invalid(duplicate_keys=False)
-    assert not bad, [(r["name"], r["invalid"], r["text"][:200]) for r in bad]
-    replay = [(r["name"], r["replay"]) for r in outcome.rows if r["replay"]]
-    assert not replay, replay
-    forced = sum(lp == 0.0 for out in outputs for lp in out.logprobs)
-    total = sum(len(out.token_ids) for out in outputs)
+def test_jump_forward_appends_forced_text(engine, corpus):
+    assert engine.config.enable_jump_forward
+    forced = sum(lp == 0.0 for out in corpus.outputs for lp in out.logprobs)
+    total = sum(len(out.token_ids) for out in corpus.outputs)
+    print(f"\njump-forward: {forced}/{total} corpus tokens forced")
     assert forced >= 0.1 * total, (forced, total)  # keys and punctuation were appended, not decoded
 
 
-def test_jump_forward_regexes_and_choices(jf_engine):
+def test_jump_forward_keeps_the_greedy_outputs(corpus, step_corpus):
+    """Jump-forward only saves steps: greedy outputs stay the ones decoded token by token.
+
+    It did not when the forced text was appended with its last token: `"a": ` tokenizes to
+    '"', 'a', '":', ' ' and SmolLM2, seeing a lone ' ' (its tokenizer writes ' 1' as ' ', '1'),
+    answered with numbers: 83 of the 216 corpus outputs changed (`{"name": 1, "ok": 1}` for
+    `{"name": "demo", "count": 12, "ok": true}`). GrammarManager.jump_forward now leaves the
+    last forced token to the model; then all 216 matched.
+    """
+    on = corpus.rows[::4]
+    assert [r["name"] for r in on] == [r["name"] for r in step_corpus.rows]
+    changed = [(a["name"], a["text"][:60], b["text"][:60]) for a, b in zip(step_corpus.rows, on) if a["text"] != b["text"]]
+    print(f"\njump-forward on vs off: {len(on) - len(changed)}/{len(on)} identical outputs")
+    assert len(changed) <= 0.05 * len(on), changed
+
+
+def test_regexes_and_choices_without_jump_forward(step_engine):
     names = list(REGEXES)
-    prompts = [chat(jf_engine, REGEXES[n][1]) for n in names] + [chat(jf_engine, q) for q, _ in CHOICES]
+    prompts = [chat(step_engine, REGEXES[n][1]) for n in names] + [chat(step_engine, q) for q, _ in CHOICES]
     params = [{"max_new_tokens": REGEX_MAX_TOKENS, "temperature": 0.0, "regex": REGEXES[n][0]} for n in names]
     params += [{"max_new_tokens": 16, "temperature": 0.0, "choices": c} for _, c in CHOICES]
-    outputs = jf_engine.generate(prompts, params)
+    outputs = step_engine.generate(prompts, params)
     for name, out in zip(names, outputs):
         assert out.finish_reason == "stop" and re.fullmatch(REGEXES[name][0], out.text, flags=re.ASCII), (name, out.text)
     for (_, choices), out in zip(CHOICES, outputs[len(names) :]):
         assert out.text in choices, out.text
+
+
+def test_jump_forward_stops_at_the_context_limit():
+    """Forced text must not carry a request past max_context (without jump-forward it stops there with
+    "length"). It used to: the budget counted only max_new_tokens, so this request ended with 502 + 81
+    tokens, and with a context capped by a small KV pool the request could never be scheduled again
+    and the engine hung."""
+    from radixrt import Engine
+
+    with Engine(max_context_len=512) as engine:  # a short context keeps the prompt cheap
+        limit = engine.max_context
+        assert limit == 512 and engine.config.enable_jump_forward
+        schema = {"type": "object", "properties": {"k": {"const": "x" * 300}}, "required": ["k"]}
+        ids = engine.tokenizer.encode("word " * limit, add_special_tokens=False)[: limit - 10]
+        out = engine.generate(
+            input_ids=ids, sampling_params={"max_new_tokens": 200, "temperature": 0.0, "json_schema": json.dumps(schema)}
+        )
+    assert len(ids) + len(out.token_ids) <= limit, (len(ids), len(out.token_ids))
+    assert out.finish_reason == "length"

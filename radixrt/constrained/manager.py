@@ -80,12 +80,15 @@ class GrammarManager:
         """Tokens of the text the grammar forces next (already accepted), or [] when there is a choice.
 
         The forced text is tokenized on its own: the tokens already generated were streamed
-        to the client, so they are not re-tokenized across the boundary.
+        to the client, so they are not re-tokenized across the boundary. Its last token is left
+        for the model to sample: it may merge with what follows (`"a": ` ends in a lone " ",
+        where the model would write ' "' or ' true'), and a dangling " " made SmolLM2 answer
+        with numbers (83 of 216 corpus outputs changed; none with the last token held back).
         """
         forced = req.grammar.find_jump_forward()
         if not forced or budget <= 1:
             return []
-        ids = self.tokenizer.encode(forced, add_special_tokens=False)[: budget - 1]
+        ids = self.tokenizer.encode(forced, add_special_tokens=False)[:-1][: budget - 1]  # the last token: see above
         for n, token in enumerate(ids):
             if not req.grammar.accept_token(token):
                 req.grammar.rollback(n)
