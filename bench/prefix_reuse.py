@@ -14,13 +14,14 @@ workload's token sequences through an unbounded page-aligned cache.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 import zlib
 
 from tqdm import tqdm
 
-from common import save, table
+from common import RESULTS_DIR, save, table
 from radixrt import Engine
 
 WORDS = ("river mountain lantern copper violet meadow harbor signal pepper orbit canyon marble whisper "
@@ -136,20 +137,40 @@ def measure(engine: Engine, workload, seed: int, max_new: int) -> dict:
     }
 
 
+def keep_earlier_runs(results: list[dict], tight_tokens, config: dict) -> tuple[list[dict], int | None]:
+    """With --workloads, keep the last results file's rows of the workloads not re-run (same settings)."""
+    path = RESULTS_DIR / "prefix_reuse.json"
+    if not path.exists():
+        return results, tight_tokens
+    earlier = json.loads(path.read_text())
+    same = {k: earlier["config"].get(k) for k in ("model", "dtype", "max_new", "quick")}
+    if same != {k: config[k] for k in same}:
+        return results, tight_tokens
+    rerun = {r["workload"] for r in results}
+    kept = [dict(r, measured=r.get("measured") or earlier["machine"]["date"]) for r in earlier["runs"]
+            if r["workload"] not in rerun]
+    merged = sorted(kept + results, key=lambda r: ("tight" in r["variant"], r["workload"]))  # stable: variant order stays
+    return merged, tight_tokens if tight_tokens is not None else earlier.get("tight_kv_tokens")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-new", type=int, default=16, help="output tokens per request")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workloads", default="a,b,c,d",
+                        help="which workloads (letters) to run; the others' rows are kept from the last results file")
     args = parser.parse_args()
     q = args.quick
+    chosen = set(args.workloads.split(","))
     workloads = {
         "a few-shot": lambda r, g: few_shot(r, g, 16 if q else 64, 400 if q else 1500),
         "b multi-turn": lambda r, g: multi_turn(r, g, 4 if q else 16, 3 if q else 5, 100 if q else 400),
         "c tree-of-thought": lambda r, g: tree_of_thought(r, g, 3, 2 if q else 3),
         "d control": lambda r, g: control(r, g, 16 if q else 64),
     }
+    workloads = {name: run for name, run in workloads.items() if name[0] in chosen}
     variants = {
         "lpm": {"schedule_policy": "lpm"},
         "dfs-weight": {"schedule_policy": "dfs-weight"},
@@ -157,7 +178,8 @@ def main() -> None:
         "cache off": {"disable_radix_cache": True},
     }
     plan = [(w, v, opts) for w in workloads for v, opts in variants.items()]
-    plan += [("b multi-turn", f"{v} (tight KV)", dict(opts, tight=True)) for v, opts in variants.items() if v != "cache off"]
+    if "b multi-turn" in workloads:
+        plan += [("b multi-turn", f"{v} (tight KV)", dict(opts, tight=True)) for v, opts in variants.items() if v != "cache off"]
     results = []
     engines: dict[str, Engine] = {}
     tight_tokens = None
@@ -170,13 +192,14 @@ def main() -> None:
                 e.shutdown()
             engines = {key: Engine(args.model, dtype=args.dtype, max_running_requests=64, **opts)}
         r = measure(engines[key], workloads[workload], seed=zlib.crc32(workload.encode()) % 1000, max_new=args.max_new)
-        r.update(workload=workload, variant=variant)
+        r.update(workload=workload, variant=variant, measured=time.strftime("%Y-%m-%d %H:%M"))
         results.append(r)
         if workload == "b multi-turn" and variant == "lpm":
             tight_tokens = third_of_conversations(r, convs=4 if q else 16)
     for e in engines.values():
         e.shutdown()
 
+    results, tight_tokens = keep_earlier_runs(results, tight_tokens, vars(args))
     rows = []
     base = {r["workload"]: r for r in results if r["variant"] == "cache off"}
     for r in results:
@@ -192,7 +215,8 @@ def main() -> None:
     print(f"\nmodel: default SmolLM2-135M-Instruct, dtype {args.dtype}, {args.max_new} output tokens per request\n")
     print(table(rows, cols))
     print(f"tight KV: a pool of {tight_tokens} tokens (shared system prompt + a third of the conversations)")
-    print("results:", save("prefix_reuse", {"config": vars(args), "tight_kv_tokens": tight_tokens, "runs": results}))
+    print("results:", save("prefix_reuse", {"config": {k: v for k, v in vars(args).items() if k != "workloads"},
+                                                "tight_kv_tokens": tight_tokens, "runs": results}))
 
 
 if __name__ == "__main__":

@@ -25,13 +25,14 @@ sys.path.insert(0, str(BENCH))
 # (script, arguments for a full run, arguments for a quick run)
 SUITE = [
     ("throughput.py", [], ["--quick"]),
+    ("throughput.py", ["--dtype", "bfloat16"], ["--quick", "--dtype", "bfloat16"]),
     ("prefix_reuse.py", [], ["--quick"]),
     ("policy_cost.py", [], []),
-    ("page_size.py", [], ["--page-sizes", "4,16"]),
+    ("page_size.py", [], ["--page-sizes", "4,16", "--rounds", "1"]),
     ("kernels.py", [], ["--quick"]),
     ("serve.py", [], ["--quick"]),
     ("constrained.py", [], ["--quick"]),
-    ("grammar_coverage.py", ["--sample", "400"], ["--sample", "50"]),
+    ("grammar_coverage.py", [], ["--sample", "50"]),  # all 2,151 schemas
     ("programs.py", [], ["--quick"]),
 ]
 

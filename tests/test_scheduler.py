@@ -65,6 +65,16 @@ def test_dfs_weight_runs_the_heaviest_subtree_first_and_keeps_groups_together():
     assert set(order[3:]) == {"a5", "a6"}
 
 
+def test_dfs_weight_runs_deeper_hits_before_requests_that_stop_at_their_ancestor():
+    """A chat whose history is cached goes before one that only shares the system prompt: the
+    miss, run first, would evict the history the hit is about to use."""
+    system = [1] * 16
+    cache = cached_tree(system + [5] * 8)
+    waiting = [req("miss", system + [6] * 8), req("hit", system + [5] * 8 + [9] * 4)]
+    order = [r.rid for r in make_policy("dfs-weight", cache, 60).order(waiting, time.monotonic())]
+    assert order == ["hit", "miss"]
+
+
 @pytest.mark.parametrize("policy", ["lpm", "dfs-weight", "fcfs"])
 def test_in_batch_sharing_computes_a_shared_uncached_prefix_once(tiny_llama, policy):
     shared = list(range(3, 67))  # 64 tokens nobody has computed yet

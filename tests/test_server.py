@@ -398,6 +398,11 @@ def test_still_serving_after_bad_inputs(client, model_id):
     assert r.usage.completion_tokens == 2
 
 
+def test_model_default_is_accepted_as_in_sglang(client):
+    r = client.completions.create(model="default", prompt="w5", max_tokens=2, **GREEDY)
+    assert r.usage.completion_tokens == 2
+
+
 def test_api_key(server, model_id):
     wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

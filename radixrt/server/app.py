@@ -63,7 +63,8 @@ def build_app(
         except BaseException:
             await manager.close()
             raise
-        aliases = {str(config.model), str(manager.model_dir)} if config.model else {str(manager.model_dir)}
+        # "default" as SGLang accepts it (its examples send it): one server serves one model.
+        aliases = {"default", str(manager.model_dir)} | ({str(config.model)} if config.model else set())
         app.state.rt = ServerState(manager, metrics, settings, model_name(config, settings), aliases)
         if on_ready:
             on_ready(app.state.rt.model_name)
