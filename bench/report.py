@@ -238,7 +238,8 @@ def constrained() -> list[str]:
         out += [machine_line(r), ""]
         for key, value in r.items():
             if isinstance(value, list) and value and isinstance(value[0], dict):
-                out += [f"**{key}**", "", table(value, list(value[0])), ""]
+                columns = list(dict.fromkeys(k for row in value for k in row))  # later rows add columns
+                out += [f"**{key}**", "", table(value, columns), ""]
     else:
         out += missing("constrained.py")
     return out
