@@ -200,6 +200,12 @@ def serving() -> list[str]:
     out += [f"Concurrency {s['concurrency']}, {s['max_tokens']} output tokens per request. Baseline: the offline "
             "`Engine` on the same workload in the same run" + (", and the peer server at " + s["peer_url"]
                                                                 if s.get("peer_url") else "") + ".", ""]  # fmt: skip
+    if s.get("peer_note"):
+        out += [f"Peer: {s['peer_note']}.", ""]
+    out += ["To add a llama.cpp peer on the same GGUF (optional): build llama.cpp's `llama-server`, start it with "
+            "`llama-server -m $(python -c 'from radixrt.model.loader import default_gguf_path; "
+            "print(default_gguf_path())') -np 8 -kvu -t 2 -c 16384 --port 8080`, and run "
+            "`python bench/serve.py --peer-url http://127.0.0.1:8080 --peer-note \"llama.cpp <version>, ...\"`.", ""]  # fmt: skip
     rows = r["rows"]
     cols = ["workload", "target", "requests", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
             "cached_frac"]  # fmt: skip
@@ -322,6 +328,17 @@ def headline_rows() -> list[dict]:
             rows.append({"what": "multi-turn, KV for a third of the chats",
                          "radixrt": " / ".join(f"{v.split()[0]} {x['hit_rate']:.0%}" for v, x in tight.items()),
                          "baseline (same run)": f"hit rates; optimal {next(iter(tight.values()))['optimal_hit_rate']:.0%}"})  # fmt: skip
+    sv = load("serve")
+    if sv:
+        for x in sv["rows"]:
+            if x["workload"] in ("multi-turn-chat", "few-shot") and x["target"] == "radixrt HTTP":
+                peer = next((p for p in sv["rows"] if p["workload"] == x["workload"] and p["target"].startswith("peer")), None)
+                rows.append({"what": f"{x['workload']} over HTTP, {sv['settings']['concurrency']} clients",
+                             "radixrt": f"{x['output_tok_s']:.0f} output tok/s, TTFT p50/p99 "
+                                        f"{x['ttft_p50_ms']:,.0f}/{x['ttft_p99_ms']:,.0f} ms",
+                             "baseline (same run)": f"llama.cpp server {peer['output_tok_s']:.0f} tok/s, TTFT p50/p99 "
+                                                    f"{peer['ttft_p50_ms']:,.0f}/{peer['ttft_p99_ms']:,.0f} ms"
+                                                    if peer else "-"})  # fmt: skip
     c = load("constrained")
     if c:
         th = {(x["config"], x["batch"]): x for x in c["throughput"]}

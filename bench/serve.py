@@ -89,7 +89,10 @@ class HttpTarget:
     def __init__(self, name: str, url: str, api_key: str | None = None) -> None:
         self.name, self.url = name, url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=600)
+        # A fresh connection per request, for every target alike: llama.cpp's server closes a kept-alive
+        # connection after a few requests, and reusing one it just closed fails the request.
+        limits = httpx.Limits(max_keepalive_connections=0)
+        self.client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=600, limits=limits)
         self.model: str | None = None
 
     async def request(self, messages: list[dict] | None, prompt: str | None, max_tokens: int) -> tuple[Record, str]:
@@ -316,6 +319,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small workloads, for a smoke run")
     p.add_argument("--server-url", default=None, help="use this running radixrt server instead of starting one")
     p.add_argument("--peer-url", default=None, help="a llama.cpp (or other OpenAI-compatible) server to compare")
+    p.add_argument("--peer-note", default=None, help="what the peer is (name, version, flags), for the report")
     p.add_argument("--skip-engine", action="store_true", help="do not run the offline Engine comparison")
     p.add_argument("--output", default="serve", help="result name under bench/results/ (default: %(default)s)")
     add_engine_args(p)
