@@ -103,12 +103,11 @@ def shared_prefix_len(records) -> int:
     return next((i for i in range(n) if any(p[i] != prompts[0][i] for p in prompts)), n)
 
 
-def third_of_conversations(run: dict, convs: int) -> int:
+def third_of_conversations(run: dict) -> int:
     """A KV pool that holds the shared system prompt and a third of (b)'s conversations at full
     length: the memory-pressure variant, sized from the unbounded run's measured footprint."""
     shared = run["shared_prefix_tokens"]
-    per_conversation = (run["workload_kv_tokens"] - shared) / convs
-    return int(shared + per_conversation * convs / 3)
+    return int(shared + (run["workload_kv_tokens"] - shared) / 3)
 
 
 def measure(engine: Engine, workload, seed: int, max_new: int) -> dict:
@@ -195,7 +194,7 @@ def main() -> None:
         r.update(workload=workload, variant=variant, measured=time.strftime("%Y-%m-%d %H:%M"))
         results.append(r)
         if workload == "b multi-turn" and variant == "lpm":
-            tight_tokens = third_of_conversations(r, convs=4 if q else 16)
+            tight_tokens = third_of_conversations(r)
     for e in engines.values():
         e.shutdown()
 
