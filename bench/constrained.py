@@ -65,17 +65,82 @@ PERSON_SCHEMA = {
 }
 SYSTEM = "Extract the person's name, age, city, occupation and email address from the bio. Reply with JSON only."
 EXAMPLE_BIO = "Maria Lopez is a 34-year-old architect who lives in Madrid. Write to her at maria.lopez@example.com."
-EXAMPLE_JSON = json.dumps({"name": "Maria Lopez", "age": 34, "city": "Madrid", "occupation": "architect",
-                           "email": "maria.lopez@example.com"})
+EXAMPLE_JSON = json.dumps(
+    {"name": "Maria Lopez", "age": 34, "city": "Madrid", "occupation": "architect", "email": "maria.lopez@example.com"}
+)
 
-FIRST = ["John", "Aiko", "Priya", "Lars", "Fatima", "Diego", "Chen", "Olga", "Kwame", "Sofia", "Ahmed", "Emma",
-         "Ravi", "Lucia", "Tomasz", "Mei"]
-LAST = ["Smith", "Tanaka", "Patel", "Berg", "Haddad", "Garcia", "Wei", "Ivanova", "Mensah", "Rossi", "Khan",
-        "Dubois", "Kumar", "Silva", "Nowak", "Lin"]
-CITIES = ["Boston", "Osaka", "Mumbai", "Oslo", "Beirut", "Lima", "Shanghai", "Kyiv", "Accra", "Rome", "Karachi",
-          "Lyon", "Delhi", "Porto", "Krakow", "Taipei"]
-JOBS = ["teacher", "nurse", "engineer", "baker", "pilot", "lawyer", "chef", "dentist", "farmer", "journalist",
-        "plumber", "architect", "librarian", "photographer", "carpenter", "pharmacist"]
+FIRST = [
+    "John",
+    "Aiko",
+    "Priya",
+    "Lars",
+    "Fatima",
+    "Diego",
+    "Chen",
+    "Olga",
+    "Kwame",
+    "Sofia",
+    "Ahmed",
+    "Emma",
+    "Ravi",
+    "Lucia",
+    "Tomasz",
+    "Mei",
+]
+LAST = [
+    "Smith",
+    "Tanaka",
+    "Patel",
+    "Berg",
+    "Haddad",
+    "Garcia",
+    "Wei",
+    "Ivanova",
+    "Mensah",
+    "Rossi",
+    "Khan",
+    "Dubois",
+    "Kumar",
+    "Silva",
+    "Nowak",
+    "Lin",
+]
+CITIES = [
+    "Boston",
+    "Osaka",
+    "Mumbai",
+    "Oslo",
+    "Beirut",
+    "Lima",
+    "Shanghai",
+    "Kyiv",
+    "Accra",
+    "Rome",
+    "Karachi",
+    "Lyon",
+    "Delhi",
+    "Porto",
+    "Krakow",
+    "Taipei",
+]
+JOBS = [
+    "teacher",
+    "nurse",
+    "engineer",
+    "baker",
+    "pilot",
+    "lawyer",
+    "chef",
+    "dentist",
+    "farmer",
+    "journalist",
+    "plumber",
+    "architect",
+    "librarian",
+    "photographer",
+    "carpenter",
+    "pharmacist",
+]
 TEMPLATES = [
     "{first} {last} is a {age}-year-old {job} who lives in {city}. Contact: {email}.",
     "At {age}, {job} {first} {last} still works every day in {city}. Email {email} for appointments.",
@@ -89,21 +154,29 @@ def bios(n: int) -> list[dict]:
     out = []
     for i in range(n):
         first, last = FIRST[i % 16], LAST[(i * 7) % 16]
-        truth = {"name": f"{first} {last}", "age": rng.randint(19, 79), "city": CITIES[(i * 5) % 16],
-                 "occupation": JOBS[(i * 3) % 16], "email": f"{first.lower()}.{last.lower()}@example.com"}
-        text = TEMPLATES[i % len(TEMPLATES)].format(first=first, last=last, age=truth["age"], job=truth["occupation"],
-                                                    city=truth["city"], email=truth["email"])
+        truth = {
+            "name": f"{first} {last}",
+            "age": rng.randint(19, 79),
+            "city": CITIES[(i * 5) % 16],
+            "occupation": JOBS[(i * 3) % 16],
+            "email": f"{first.lower()}.{last.lower()}@example.com",
+        }
+        text = TEMPLATES[i % len(TEMPLATES)].format(
+            first=first, last=last, age=truth["age"], job=truth["occupation"], city=truth["city"], email=truth["email"]
+        )
         out.append({"bio": text, "truth": truth})
     return out
 
 
 def prompt(engine, bio: str) -> str:
-    return engine.render_chat([
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": EXAMPLE_BIO},
-        {"role": "assistant", "content": EXAMPLE_JSON},
-        {"role": "user", "content": bio},
-    ])
+    return engine.render_chat(
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": EXAMPLE_BIO},
+            {"role": "assistant", "content": EXAMPLE_JSON},
+            {"role": "user", "content": bio},
+        ]
+    )
 
 
 def pct(values, q):
@@ -127,8 +200,15 @@ def run_workload(engine, prompts, params, batch: int):
 
 def summarize(name, batch, wall, outs, records, validator, forced=None):
     tokens = sum(len(o.token_ids) for o in outs)
-    row = {"config": name, "batch": batch, "requests": len(outs), "tokens": tokens, "wall_s": round(wall, 2),
-           "tok_s": round(tokens / wall, 2), "req_s": round(len(outs) / wall, 3)}
+    row = {
+        "config": name,
+        "batch": batch,
+        "requests": len(outs),
+        "tokens": tokens,
+        "wall_s": round(wall, 2),
+        "tok_s": round(tokens / wall, 2),
+        "req_s": round(len(outs) / wall, 3),
+    }
     if validator is not None:
         valid = sum(o.finish_reason == "stop" and validator(o.text) is None for o in outs)
         correct = total = 0
@@ -148,7 +228,7 @@ def summarize(name, batch, wall, outs, records, validator, forced=None):
 
 def forced_tokens(engine, spec: str, outs) -> int:
     """How many output tokens jump-forward appended: replay each output on a fresh matcher and,
-    after every sampled token, ask the worker's GrammarManager.jump_forward what it would append."""
+    after every sampled token, ask the worker's RequestGrammars.jump_forward what it would append."""
     from types import SimpleNamespace
 
     grammars = engine.worker.grammars
@@ -189,8 +269,9 @@ def throughput(args, records):
                     if jump_forward:
                         continue
                     # Unconstrained, exactly as many tokens per request as the constrained run.
-                    fparams = [{"max_new_tokens": len(o.token_ids), "temperature": 0.0, "ignore_eos": True}
-                               for o in outs]
+                    fparams = [
+                        {"max_new_tokens": len(o.token_ids), "temperature": 0.0, "ignore_eos": True} for o in outs
+                    ]
                     wall_f, outs_f = run_workload(engine, prompts[:n], fparams, batch)
                     if "free" not in best or wall_f < best["free"][0]:
                         best["free"] = (wall_f, outs_f)
@@ -204,7 +285,7 @@ def throughput(args, records):
                     rows[-1]["same_text_as_off"] = f"{same}/{len(outs)}"
                 if not jump_forward:
                     rows.append(summarize("unconstrained (same lengths)", batch, *best["free"], records[:n], None))
-                print(table(rows[-2 if not jump_forward else -1:], list(rows[-1].keys())), flush=True)
+                print(table(rows[-2 if not jump_forward else -1 :], list(rows[-1].keys())), flush=True)
     return rows, outputs
 
 
@@ -255,14 +336,20 @@ def compile_times(backend_name: str, specs: list[str], timeout: float) -> dict:
     conn.send(None)
     proc.join(5)
     ms = [s * 1e3 for s in ok]
-    return {"backend": backend_name, "schemas": len(specs), "compiled": len(ok) - timeouts, "refused": refused,
-            "timeouts": timeouts, "compile_ms_p50": round(pct(ms, 50), 2), "compile_ms_p99": round(pct(ms, 99), 2),
-            "compile_ms_max": round(max(ms), 1) if ms else None}
+    return {
+        "backend": backend_name,
+        "schemas": len(specs),
+        "compiled": len(ok) - timeouts,
+        "refused": refused,
+        "timeouts": timeouts,
+        "compile_ms_p50": round(pct(ms, 50), 2),
+        "compile_ms_p99": round(pct(ms, 99), 2),
+        "compile_ms_max": round(max(ms), 1) if ms else None,
+    }
 
 
 # ---- 3: mask time per token per backend -------------------------------------------------------------------------
 def mask_times(backend_name: str, spec: str, token_lists: list[list[int]]) -> dict:
-    import torch
 
     from radixrt.constrained import GrammarError, allocate_bitmask, get_backend
     from radixrt.model.loader import load_tokenizer, read_model_config, resolve_model_path
@@ -299,9 +386,16 @@ def mask_times(backend_name: str, spec: str, token_lists: list[list[int]]) -> di
                 break
     us = lambda xs, q: round(pct(xs, q) * 1e6, 1)  # noqa: E731
     per_token = [f + a for f, a in zip(fill, accept)]
-    return {"backend": backend_name, "schema": schema_used, "tokens": len(fill), "outputs_rejected": rejected,
-            "fill_us_p50": us(fill, 50), "fill_us_p99": us(fill, 99), "accept_us_p50": us(accept, 50),
-            "mask_accept_us_mean": round(statistics.fmean(per_token) * 1e6, 1) if per_token else None}
+    return {
+        "backend": backend_name,
+        "schema": schema_used,
+        "tokens": len(fill),
+        "outputs_rejected": rejected,
+        "fill_us_p50": us(fill, 50),
+        "fill_us_p99": us(fill, 99),
+        "accept_us_p50": us(accept, 50),
+        "mask_accept_us_mean": round(statistics.fmean(per_token) * 1e6, 1) if per_token else None,
+    }
 
 
 def apply_times(vocab: int) -> list[dict]:
@@ -369,16 +463,42 @@ def main(argv=None) -> dict:
     print(table(apply_rows, list(apply_rows[0].keys())), flush=True)
 
     print()
-    print(table(rows, ["config", "batch", "requests", "tokens", "wall_s", "tok_s", "req_s", "valid", "fields_correct",
-                       "forced_share", "same_text_as_off"]))
+    print(
+        table(
+            rows,
+            [
+                "config",
+                "batch",
+                "requests",
+                "tokens",
+                "wall_s",
+                "tok_s",
+                "req_s",
+                "valid",
+                "fields_correct",
+                "forced_share",
+                "same_text_as_off",
+            ],
+        )
+    )
     print(f"\nconstraint overhead at batch 16: {overhead16:.1%} of unconstrained tokens/s (target <= 10%)")
     default = next((r for r in compile_rows if r["backend"] == "llguidance"), None)
     if default:
         print(f"llguidance compile p99: {default['compile_ms_p99']} ms (target < 100 ms)")
-    payload = {"options": vars(args), "throughput": rows, "overhead_batch16": overhead16, "compile": compile_rows,
-               "mask": mask_rows, "apply_bitmask": apply_rows, "schema": PERSON_SCHEMA, "wall_s": round(time.time() - t_start, 1),
-               "examples": {"json_schema": [o.text for o in outputs[(False, 16)][:3]],
-                            "jump_forward": [o.text for o in outputs[(True, 16)][:3]]}}
+    payload = {
+        "options": vars(args),
+        "throughput": rows,
+        "overhead_batch16": overhead16,
+        "compile": compile_rows,
+        "mask": mask_rows,
+        "apply_bitmask": apply_rows,
+        "schema": PERSON_SCHEMA,
+        "wall_s": round(time.time() - t_start, 1),
+        "examples": {
+            "json_schema": [o.text for o in outputs[(False, 16)][:3]],
+            "jump_forward": [o.text for o in outputs[(True, 16)][:3]],
+        },
+    }
     path = save("constrained", payload)
     print(f"results -> {path}")
     return payload

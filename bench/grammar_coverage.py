@@ -34,7 +34,8 @@ BACKENDS = ("xgrammar", "llguidance", "outlines")
 
 
 def load_tokenizer():
-    from radixrt.model.loader import load_tokenizer as load, resolve_model_path
+    from radixrt.model.loader import load_tokenizer as load
+    from radixrt.model.loader import resolve_model_path
 
     return load(resolve_model_path(None))
 

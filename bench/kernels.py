@@ -73,10 +73,20 @@ def attention_case(dtype: torch.dtype, batch: int, context: int, layers: int, se
     """A pool of `layers` layers holding `batch` sequences of `context` keys on shuffled pages."""
     rng = random.Random(seed)
     config = ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=8, hidden_size=HEADS * HEAD_DIM, intermediate_size=8,
-        num_layers=layers, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, rms_norm_eps=1e-5,
-        rope_theta=1e4, max_position_embeddings=context, tie_word_embeddings=False, attention_bias=False,
-    )  # fmt: skip
+        architecture="LlamaForCausalLM",
+        vocab_size=8,
+        hidden_size=HEADS * HEAD_DIM,
+        intermediate_size=8,
+        num_layers=layers,
+        num_heads=HEADS,
+        num_kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        rms_norm_eps=1e-5,
+        rope_theta=1e4,
+        max_position_embeddings=context,
+        tie_word_embeddings=False,
+        attention_bias=False,
+    )
     per_seq = context // PAGE
     pool = KVPool(config, batch * per_seq, PAGE, dtype)
     for t in pool.k + pool.v:
@@ -86,10 +96,16 @@ def attention_case(dtype: torch.dtype, batch: int, context: int, layers: int, se
     tables = [pages[i * per_seq : (i + 1) * per_seq] for i in range(batch)]
     slots = [tables[b][-1] * PAGE + PAGE - 1 for b in range(batch)]
     step = ForwardBatch(
-        input_ids=torch.zeros(batch, dtype=torch.int64), positions=torch.full((batch,), context - 1),
-        out_slots=torch.tensor(slots), qo_indptr=list(range(batch + 1)), prefix_lens=[context - 1] * batch,
-        seq_lens=[context] * batch, page_tables=tables, logits_indices=torch.arange(batch), page_size=PAGE,
-    )  # fmt: skip
+        input_ids=torch.zeros(batch, dtype=torch.int64),
+        positions=torch.full((batch,), context - 1),
+        out_slots=torch.tensor(slots),
+        qo_indptr=list(range(batch + 1)),
+        prefix_lens=[context - 1] * batch,
+        seq_lens=[context] * batch,
+        page_tables=tables,
+        logits_indices=torch.arange(batch),
+        page_size=PAGE,
+    )
     q = torch.randn(batch, HEADS, HEAD_DIM).to(dtype)
     kv = torch.randn(batch, KV_HEADS, HEAD_DIM).to(dtype)
     return pool, step, q, kv
@@ -126,20 +142,29 @@ def bench_decode_attention(ops, dtype: torch.dtype, rounds: int, batch=32, conte
 
     contenders = {
         "native": lambda layer: backends["native"].forward(layer, q, kv, kv, steps["native"], pool),
-        "torch reference": lambda layer: backends["torch reference"].forward(layer, q, kv, kv, steps["torch reference"], pool),
+        "torch reference": lambda layer: backends["torch reference"].forward(
+            layer, q, kv, kv, steps["torch reference"], pool
+        ),
         "contiguous SDPA": sdpa,
         "contiguous matmul": matmul,
-    }  # fmt: skip
+    }
     cold = timed_rounds({n: rotating(f) for n, f in contenders.items()}, rounds)
     warm = timed_rounds({n: (lambda f=f: f(0)) for n, f in contenders.items()}, rounds)
     moved = (2 * batch * context * KV_HEADS * HEAD_DIM + 2 * q.numel()) * q.element_size()
     rows = []
     for name in contenders:
         c, w = statistics.median(cold[name]), statistics.median(warm[name])
-        rows.append({
-            "dtype": str(dtype).removeprefix("torch."), "kernel": name, "cold_ms": c * 1e3, "cold_best_ms": min(cold[name]) * 1e3,
-            "warm_ms": w * 1e3, "cold_gbs": moved / c / 1e9, "bytes": moved,
-        })  # fmt: skip
+        rows.append(
+            {
+                "dtype": str(dtype).removeprefix("torch."),
+                "kernel": name,
+                "cold_ms": c * 1e3,
+                "cold_best_ms": min(cold[name]) * 1e3,
+                "warm_ms": w * 1e3,
+                "cold_gbs": moved / c / 1e9,
+                "bytes": moved,
+            }
+        )
     native, ref, sdpa_ms = rows[0]["cold_ms"], rows[1]["cold_ms"], rows[2]["cold_ms"]
     for row in rows:
         row["vs_native"] = row["cold_ms"] / native
@@ -153,8 +178,8 @@ class StepTimer:
 
     def __init__(self, worker) -> None:
         self.worker, self.batch, self.times, self._decode = worker, 0, [], False
-        self._step, self._forward = worker.step, worker.model.forward
-        worker.step, worker.model.forward = self.step, self.forward
+        self._step, self._forward = worker.step, worker.runner.model.forward
+        worker.step, worker.runner.model.forward = self.step, self.forward
 
     def forward(self, batch, *args, **kwargs):
         self._decode = batch.is_decode_only and batch.batch_size == self.batch
@@ -169,7 +194,9 @@ class StepTimer:
         return out
 
 
-def bench_end_to_end(backends: list[str], batches: list[int], dtype: str, repeats: int, new_tokens: int = 24) -> list[dict]:
+def bench_end_to_end(
+    backends: list[str], batches: list[int], dtype: str, repeats: int, new_tokens: int = 24
+) -> list[dict]:
     """One Engine per backend; each batch size runs on every engine in turn, `repeats` times (ABAB)."""
     from radixrt import Engine
 
@@ -177,10 +204,15 @@ def bench_end_to_end(backends: list[str], batches: list[int], dtype: str, repeat
     prefix = [rng.randrange(100, 40000) for _ in range(224)]
     params = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
     engines = [
-        Engine(attention_backend=b, dtype=dtype, max_running_requests=64, chunked_prefill_size=4096,
-               num_threads=torch.get_num_threads())
+        Engine(
+            attention_backend=b,
+            dtype=dtype,
+            max_running_requests=64,
+            chunked_prefill_size=4096,
+            num_threads=torch.get_num_threads(),
+        )
         for b in backends
-    ]  # fmt: skip
+    ]
     try:
         timers = [StepTimer(e.worker) for e in engines]
         for engine in engines:  # cache the shared prefix
@@ -196,14 +228,22 @@ def bench_end_to_end(backends: list[str], batches: list[int], dtype: str, repeat
                     times[i] += timer.times
             for i, engine in enumerate(engines):
                 config, elt = engine.worker.model_config, torch.finfo(engine.config.torch_dtype).bits // 8
-                weights = sum(p.numel() * p.element_size() for p in engine.worker.model.parameters())
+                weights = sum(p.numel() * p.element_size() for p in engine.worker.runner.model.parameters())
                 kv = b * (224 + 32 + new_tokens // 2) * config.kv_bytes_per_token(elt)
                 step = statistics.median(times[i])
-                rows.append({
-                    "backend": engine.worker.backend.name, "dtype": dtype, "batch": b, "tok_s": b / step,
-                    "step_ms": step * 1e3, "best_step_ms": min(times[i]) * 1e3, "steps": len(times[i]),
-                    "gbs": (weights + kv) / step / 1e9, "kv_mb": kv / 2**20,
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "backend": engine.worker.runner.backend.name,
+                        "dtype": dtype,
+                        "batch": b,
+                        "tok_s": b / step,
+                        "step_ms": step * 1e3,
+                        "best_step_ms": min(times[i]) * 1e3,
+                        "steps": len(times[i]),
+                        "gbs": (weights + kv) / step / 1e9,
+                        "kv_mb": kv / 2**20,
+                    }
+                )
         return rows
     finally:
         for engine in engines:
@@ -220,13 +260,13 @@ def profile_decode_step(backend: str, batch: int = 32) -> str:
     prefix = [rng.randrange(100, 40000) for _ in range(224)]
     with Engine(attention_backend=backend, max_running_requests=64, chunked_prefill_size=4096) as engine:
         worker = engine.worker
-        attn = worker.backend.forward
+        attn = worker.runner.backend.forward
 
         def labelled(*args, **kwargs):
             with record_function("attention (backend.forward)"):
                 return attn(*args, **kwargs)
 
-        worker.backend.forward = labelled
+        worker.runner.backend.forward = labelled
         timer = StepTimer(worker)
         timer.batch = batch
         original = timer.step
@@ -243,10 +283,14 @@ def profile_decode_step(backend: str, batch: int = 32) -> str:
         profiles: list = []
         worker.step = step
         params = {"max_new_tokens": 12, "min_new_tokens": 12, "temperature": 0, "ignore_eos": True}
-        engine.generate(input_ids=[prefix + [rng.randrange(100, 40000) for _ in range(32)] for _ in range(batch)],
-                        sampling_params=params)  # fmt: skip
+        engine.generate(
+            input_ids=[prefix + [rng.randrange(100, 40000) for _ in range(32)] for _ in range(batch)],
+            sampling_params=params,
+        )
     events = profiles[len(profiles) // 2].key_averages()
-    header = f"{backend} backend, decode step at batch {batch}: median step {statistics.median(timer.times) * 1e3:.1f} ms"
+    header = (
+        f"{backend} backend, decode step at batch {batch}: median step {statistics.median(timer.times) * 1e3:.1f} ms"
+    )
     return header + "\n" + events.table(sort_by="cpu_time_total", row_limit=25)
 
 
@@ -276,32 +320,46 @@ def main() -> None:
     rounds = 8 if args.quick else 25
     load_before = load_average()
     bandwidth = copy_bandwidth(rounds)
-    print(f"copy bandwidth: {bandwidth['median_gbs']:.1f} GB/s median, {bandwidth['best_gbs']:.1f} best (read + write)\n")
+    print(
+        f"copy bandwidth: {bandwidth['median_gbs']:.1f} GB/s median, {bandwidth['best_gbs']:.1f} best (read + write)\n"
+    )
     kernels = []
     for dtype in (torch.float32, torch.bfloat16):
         kernels += bench_decode_attention(ops, dtype, rounds)
     for row in kernels:
         row["of_copy_bw"] = row["cold_gbs"] / bandwidth["median_gbs"]
     print("paged decode attention, one layer: 32 seqs x 1,024 keys, 9/3 heads, dim 64, 16-token pages")
-    print(table(kernels, ["dtype", "kernel", "cold_ms", "cold_best_ms", "warm_ms", "vs_native", "cold_gbs", "of_copy_bw"]))
+    print(
+        table(kernels, ["dtype", "kernel", "cold_ms", "cold_best_ms", "warm_ms", "vs_native", "cold_gbs", "of_copy_bw"])
+    )
     e2e = []
     if not args.skip_e2e:
         batches = [1, 32] if args.quick else [1, 8, 32, 64]
         for dtype in args.e2e_dtypes.split(","):
             e2e += bench_end_to_end(["torch", "native"], batches, dtype, repeats=1 if args.quick else 2)
         for row in e2e:
-            base = next(r for r in e2e if r["backend"] == "torch" and r["batch"] == row["batch"] and r["dtype"] == row["dtype"])
+            base = next(
+                r for r in e2e if r["backend"] == "torch" and r["batch"] == row["batch"] and r["dtype"] == row["dtype"]
+            )
             row["vs_torch"] = row["tok_s"] / base["tok_s"]
         print("\nend-to-end decode through Engine (default model, ~270-token contexts, 24 new tokens)")
         print(table(e2e, ["dtype", "backend", "batch", "tok_s", "vs_torch", "step_ms", "best_step_ms", "gbs"]))
     load_after = load_average()
     contended = load_before > 1.0 or load_after > torch.get_num_threads() + 1.0  # others were running too
-    print(f"\ntorch threads: {torch.get_num_threads()}; load average before/after: {load_before:.1f}/{load_after:.1f}"
-          + (" -- CONTENDED, treat as noisy" if contended else ""))  # fmt: skip
-    path = save(args.out, {
-        "copy_bandwidth": bandwidth, "decode_attention": kernels, "end_to_end_decode": e2e,
-        "load_average": [load_before, load_after], "contended": contended,
-    })  # fmt: skip
+    print(
+        f"\ntorch threads: {torch.get_num_threads()}; load average before/after: {load_before:.1f}/{load_after:.1f}"
+        + (" -- CONTENDED, treat as noisy" if contended else "")
+    )
+    path = save(
+        args.out,
+        {
+            "copy_bandwidth": bandwidth,
+            "decode_attention": kernels,
+            "end_to_end_decode": e2e,
+            "load_average": [load_before, load_after],
+            "contended": contended,
+        },
+    )
     print(f"wrote {path}")
 
 

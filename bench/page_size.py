@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from common import save, table
 from tqdm import tqdm
 
-from common import save, table
 from radixrt import Engine
 
 
@@ -47,11 +47,15 @@ def main() -> None:
     parser.add_argument("--page-sizes", default="1,4,16,64")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--rounds", type=int, default=3, help="round-robin decode measurements per page size; best kept")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="round-robin decode measurements per page size; best kept"
+    )
     args = parser.parse_args()
     sizes = [int(p) for p in args.page_sizes.split(",")]
-    engines = {ps: Engine(page_size=ps, dtype=args.dtype, attention_backend=args.attention_backend, kv_memory_gb=0.5)
-               for ps in tqdm(sizes, desc="loading engines")}  # fmt: skip
+    engines = {
+        ps: Engine(page_size=ps, dtype=args.dtype, attention_backend=args.attention_backend, kv_memory_gb=0.5)
+        for ps in tqdm(sizes, desc="loading engines")
+    }
     try:
         prompts = [engines[sizes[0]].tokenizer.encode(f"Story {i}: once upon a time " * 20) for i in range(32)]
         # Round-robin, best of each: on a shared machine one pass per size measures the neighbours' load.
@@ -59,9 +63,16 @@ def main() -> None:
         for _ in tqdm(range(args.rounds), desc="rounds"):
             for ps in sizes:
                 speeds[ps].append(decode_tok_s(engines[ps], prompts, 32))
-        rows = [{"page size": ps, "decode tok/s (b32)": max(speeds[ps]), "all rounds": [round(x, 1) for x in speeds[ps]],
-                 "turn-2 hit rate": second_turn_hit(engines[ps]), "backend": engines[ps].worker.backend.name}
-                for ps in sizes]  # fmt: skip
+        rows = [
+            {
+                "page size": ps,
+                "decode tok/s (b32)": max(speeds[ps]),
+                "all rounds": [round(x, 1) for x in speeds[ps]],
+                "turn-2 hit rate": second_turn_hit(engines[ps]),
+                "backend": engines[ps].worker.runner.backend.name,
+            }
+            for ps in sizes
+        ]
     finally:
         for engine in engines.values():
             engine.shutdown()

@@ -15,6 +15,7 @@ import statistics
 import time
 
 from common import save, table
+
 from radixrt.cache.page_pool import PageAllocator
 from radixrt.cache.radix_tree import RadixCache
 from radixrt.request import Req

@@ -19,9 +19,9 @@ import random
 import time
 import zlib
 
+from common import RESULTS_DIR, save, table
 from tqdm import tqdm
 
-from common import RESULTS_DIR, save, table
 from radixrt import Engine
 
 WORDS = ("river mountain lantern copper violet meadow harbor signal pepper orbit canyon marble whisper "
@@ -146,9 +146,14 @@ def keep_earlier_runs(results: list[dict], tight_tokens, config: dict) -> tuple[
     if same != {k: config[k] for k in same}:
         return results, tight_tokens
     rerun = {r["workload"] for r in results}
-    kept = [dict(r, measured=r.get("measured") or earlier["machine"]["date"]) for r in earlier["runs"]
-            if r["workload"] not in rerun]
-    merged = sorted(kept + results, key=lambda r: ("tight" in r["variant"], r["workload"]))  # stable: variant order stays
+    kept = [
+        dict(r, measured=r.get("measured") or earlier["machine"]["date"])
+        for r in earlier["runs"]
+        if r["workload"] not in rerun
+    ]
+    merged = sorted(
+        kept + results, key=lambda r: ("tight" in r["variant"], r["workload"])
+    )  # stable: variant order stays
     return merged, tight_tokens if tight_tokens is not None else earlier.get("tight_kv_tokens")
 
 
@@ -158,8 +163,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-new", type=int, default=16, help="output tokens per request")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--workloads", default="a,b,c,d",
-                        help="which workloads (letters) to run; the others' rows are kept from the last results file")
+    parser.add_argument(
+        "--workloads",
+        default="a,b,c,d",
+        help="which workloads (letters) to run; the others' rows are kept from the last results file",
+    )
     args = parser.parse_args()
     q = args.quick
     chosen = set(args.workloads.split(","))
@@ -178,7 +186,11 @@ def main() -> None:
     }
     plan = [(w, v, opts) for w in workloads for v, opts in variants.items()]
     if "b multi-turn" in workloads:
-        plan += [("b multi-turn", f"{v} (tight KV)", dict(opts, tight=True)) for v, opts in variants.items() if v != "cache off"]
+        plan += [
+            ("b multi-turn", f"{v} (tight KV)", dict(opts, tight=True))
+            for v, opts in variants.items()
+            if v != "cache off"
+        ]
     results = []
     engines: dict[str, Engine] = {}
     tight_tokens = None
@@ -210,12 +222,33 @@ def main() -> None:
             "mean TTFT s": r["mean_ttft_s"], "hit rate": r["hit_rate"], "optimal": r["optimal_hit_rate"],
             "evicted": r["evicted_tokens"], "preempted": r["preemptions"], "pool": r["pool_tokens"],
         })  # fmt: skip
-    cols = ["workload", "variant", "req", "total tok/s", "speedup", "mean TTFT s", "hit rate", "optimal", "evicted", "preempted", "pool"]
+    cols = [
+        "workload",
+        "variant",
+        "req",
+        "total tok/s",
+        "speedup",
+        "mean TTFT s",
+        "hit rate",
+        "optimal",
+        "evicted",
+        "preempted",
+        "pool",
+    ]
     print(f"\nmodel: default SmolLM2-135M-Instruct, dtype {args.dtype}, {args.max_new} output tokens per request\n")
     print(table(rows, cols))
     print(f"tight KV: a pool of {tight_tokens} tokens (shared system prompt + a third of the conversations)")
-    print("results:", save("prefix_reuse", {"config": {k: v for k, v in vars(args).items() if k != "workloads"},
-                                                "tight_kv_tokens": tight_tokens, "runs": results}))
+    print(
+        "results:",
+        save(
+            "prefix_reuse",
+            {
+                "config": {k: v for k, v in vars(args).items() if k != "workloads"},
+                "tight_kv_tokens": tight_tokens,
+                "runs": results,
+            },
+        ),
+    )
 
 
 if __name__ == "__main__":

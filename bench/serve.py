@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import save, table  # noqa: E402
+
 from radixrt.cli import add_engine_args, engine_config  # noqa: E402
 from radixrt.config import EngineConfig  # noqa: E402
 

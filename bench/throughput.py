@@ -16,14 +16,29 @@ import argparse
 import time
 
 import torch
+from common import save, table
 from tqdm import tqdm
 
-from common import save, table
 from radixrt import Engine
 
-TOPICS = ["the ocean", "a lighthouse keeper", "quantum computers", "the history of tea", "a robot learning to paint",
-          "mountain weather", "ancient Rome", "the immune system", "jazz music", "a city at night", "honeybees",
-          "volcanoes", "the printing press", "deep sea fish", "a chess tournament", "the northern lights"]  # fmt: skip
+TOPICS = [
+    "the ocean",
+    "a lighthouse keeper",
+    "quantum computers",
+    "the history of tea",
+    "a robot learning to paint",
+    "mountain weather",
+    "ancient Rome",
+    "the immune system",
+    "jazz music",
+    "a city at night",
+    "honeybees",
+    "volcanoes",
+    "the printing press",
+    "deep sea fish",
+    "a chess tournament",
+    "the northern lights",
+]
 
 
 def make_prompts(tokenizer, n: int, prompt_tokens: int) -> list[list[int]]:
@@ -35,7 +50,9 @@ def make_prompts(tokenizer, n: int, prompt_tokens: int) -> list[list[int]]:
     prompts = []
     for i in range(n):
         body = f"Request {i}: write a short essay about {TOPICS[i % len(TOPICS)]}. " + filler * 8
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": body}], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": body}], add_generation_prompt=True, tokenize=False
+        )
         ids = tokenizer.encode(ids, add_special_tokens=False)
         prompts.append(ids[-prompt_tokens:] if len(ids) > prompt_tokens else ids)
     return prompts
@@ -57,9 +74,13 @@ def hf_generate(model, tokenizer, prompts, max_new: int) -> tuple[float, int]:
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-            do_sample=False, pad_token_id=pad,
-        )  # fmt: skip
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=pad,
+        )
     return time.perf_counter() - start, (out.shape[1] - width) * len(prompts)
 
 
@@ -68,7 +89,7 @@ def step_profile(engine: Engine, prompts, max_new: int) -> dict:
     worker = engine.worker
     forward_time = [0.0]
     steps = [0]
-    original = worker.model.forward
+    original = worker.runner.model.forward
 
     def timed_forward(*args, **kwargs):
         t = time.perf_counter()
@@ -86,11 +107,11 @@ def step_profile(engine: Engine, prompts, max_new: int) -> dict:
         step_time[0] += time.perf_counter() - t
         return out
 
-    worker.model.forward, worker.step = timed_forward, timed_step
+    worker.runner.model.forward, worker.step = timed_forward, timed_step
     try:
         run_engine(engine, prompts, max_new)
     finally:
-        worker.model.forward, worker.step = original, original_step
+        worker.runner.model.forward, worker.step = original, original_step
     overhead = step_time[0] - forward_time[0]
     return {
         "steps": steps[0],
@@ -110,7 +131,9 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--hf-sequential", type=int, default=4, help="prompts for the one-at-a-time baseline")
     parser.add_argument("--batch-sizes", default="1,8,32,64")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of radixrt and batched transformers; best kept")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="alternating runs of radixrt and batched transformers; best kept"
+    )
     parser.add_argument("--quick", action="store_true", help="16 prompts, 32 tokens out")
     args = parser.parse_args()
     if args.quick:
@@ -135,11 +158,18 @@ def main() -> None:
         bar.update()
         theirs.append(hf_generate(hf, tokenizer, prompts, args.output_tokens))
         bar.update()
-    for key, runs, label in (("radixrt", ours, f"radixrt Engine ({args.num_prompts} at once)"),
-                             ("hf_batched", theirs, f"transformers generate, batched ({args.num_prompts}, padded)")):
+    for key, runs, label in (
+        ("radixrt", ours, f"radixrt Engine ({args.num_prompts} at once)"),
+        ("hf_batched", theirs, f"transformers generate, batched ({args.num_prompts}, padded)"),
+    ):
         secs, toks = min(runs)
-        results[key] = {"seconds": secs, "output_tokens": toks, "tok_s": toks / secs, "all_seconds": [r[0] for r in runs]}
-        rows.append({"system": label, "output tok/s": toks / secs, "seconds": secs})  # fmt: skip
+        results[key] = {
+            "seconds": secs,
+            "output_tokens": toks,
+            "tok_s": toks / secs,
+            "all_seconds": [r[0] for r in runs],
+        }
+        rows.append({"system": label, "output tok/s": toks / secs, "seconds": secs})
 
     decode = {}
     for b in [int(x) for x in args.batch_sizes.split(",")]:
@@ -161,25 +191,48 @@ def main() -> None:
     for p in prompts[: args.hf_sequential]:
         s, t = hf_generate(hf, tokenizer, [p], args.output_tokens)
         secs, toks = secs + s, toks + t
-    results["hf_sequential"] = {"seconds": secs, "output_tokens": toks, "tok_s": toks / secs, "prompts": args.hf_sequential}
-    rows.append({"system": f"transformers generate, one at a time ({args.hf_sequential} prompts)", "output tok/s": toks / secs, "seconds": secs})
+    results["hf_sequential"] = {
+        "seconds": secs,
+        "output_tokens": toks,
+        "tok_s": toks / secs,
+        "prompts": args.hf_sequential,
+    }
+    rows.append(
+        {
+            "system": f"transformers generate, one at a time ({args.hf_sequential} prompts)",
+            "output tok/s": toks / secs,
+            "seconds": secs,
+        }
+    )
     bar.update()
     bar.close()
 
     ours = results["radixrt"]["tok_s"]
     results["speedup_vs_hf_batched"] = ours / results["hf_batched"]["tok_s"]
     results["speedup_vs_hf_sequential"] = ours / results["hf_sequential"]["tok_s"]
-    print(f"\nmodel: {engine.worker.model_dir.name}, dtype {args.dtype}, {args.num_prompts} prompts x "
-          f"{args.prompt_tokens} in / {args.output_tokens} out\n")  # fmt: skip
+    print(
+        f"\nmodel: {engine.worker.model_dir.name}, dtype {args.dtype}, {args.num_prompts} prompts x "
+        f"{args.prompt_tokens} in / {args.output_tokens} out\n"
+    )
     print(table(rows, ["system", "output tok/s", "seconds"]))
-    print(f"\nspeedup: {results['speedup_vs_hf_batched']:.2f}x vs batched transformers, "
-          f"{results['speedup_vs_hf_sequential']:.2f}x vs one at a time\n")  # fmt: skip
+    print(
+        f"\nspeedup: {results['speedup_vs_hf_batched']:.2f}x vs batched transformers, "
+        f"{results['speedup_vs_hf_sequential']:.2f}x vs one at a time\n"
+    )
     print(table([{"batch": b, "decode tok/s": v} for b, v in decode.items()], ["batch", "decode tok/s"]))
     p = results["step_profile_b32"]
-    print(f"\nbatch-32 step: {p['step_ms']:.1f} ms, forward {p['forward_ms']:.1f} ms, "
-          f"python overhead {p['python_overhead_ms']:.1f} ms ({p['python_overhead_pct']:.1f}%)")  # fmt: skip
-    config = {"dtype": args.dtype, "num_prompts": args.num_prompts, "repeats": args.repeats, "prompt_tokens": args.prompt_tokens,
-              "output_tokens": args.output_tokens, "model": str(engine.worker.model_dir.name)}  # fmt: skip
+    print(
+        f"\nbatch-32 step: {p['step_ms']:.1f} ms, forward {p['forward_ms']:.1f} ms, "
+        f"python overhead {p['python_overhead_ms']:.1f} ms ({p['python_overhead_pct']:.1f}%)"
+    )
+    config = {
+        "dtype": args.dtype,
+        "num_prompts": args.num_prompts,
+        "repeats": args.repeats,
+        "prompt_tokens": args.prompt_tokens,
+        "output_tokens": args.output_tokens,
+        "model": str(engine.worker.model_dir.name),
+    }
     print("results:", save(f"throughput_{args.dtype}", {"config": config, **results}))
 
 

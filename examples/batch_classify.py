@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import itertools
 
-import radixrt as sgl
 from _util import backend_for, parse_args
+
+import radixrt as sgl
 
 ITEMS = ["pizza", "movie", "hotel room", "phone", "concert"]
 GOOD = ["was wonderful", "was great, I loved it", "exceeded my expectations", "made my day", "was excellent"]

@@ -8,8 +8,9 @@ question only computes its own few tokens.
 
 from __future__ import annotations
 
-import radixrt as sgl
 from _util import backend_for, parse_args
+
+import radixrt as sgl
 
 SHOTS = [
     ("What is the capital of Japan?", "Tokyo"),

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 
-import radixrt as sgl
 from _util import backend_for, parse_args
+
+import radixrt as sgl
 
 PERSON = {
     "type": "object",

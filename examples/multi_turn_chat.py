@@ -6,8 +6,9 @@ messages, so the conversation so far comes from the prefix cache (see `cached_to
 
 from __future__ import annotations
 
-import radixrt as sgl
 from _util import backend_for, parse_args
+
+import radixrt as sgl
 
 QUESTIONS = [
     "What is the capital of France?",

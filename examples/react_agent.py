@@ -10,8 +10,9 @@ from __future__ import annotations
 import ast
 import operator
 
-import radixrt as sgl
 from _util import backend_for, parse_args
+
+import radixrt as sgl
 
 SYSTEM = """You answer questions by reasoning step by step. Never do arithmetic in your head:
 always use the calculator, then finish with its result.

@@ -14,8 +14,9 @@ the engine batches their tokens together.
 
 from __future__ import annotations
 
-import radixrt as sgl
 from _util import backend_for, parse_args
+
+import radixrt as sgl
 
 QUESTION = "I have 3 apples and buy 2 bags with 4 apples each. Then I eat 2 apples. How many apples do I have?"
 

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-POLICIES = ("lpm", "dfs-weight", "fcfs")
-ATTENTION_BACKENDS = ("auto", "torch", "native", "flashinfer")
+from radixrt.attention import BACKENDS as ATTENTION_BACKENDS
+from radixrt.constrained import BACKENDS as GRAMMAR_BACKENDS
+from radixrt.constrained import DEFAULT_BACKEND as DEFAULT_GRAMMAR_BACKEND
+from radixrt.scheduler.policy import POLICIES
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -27,7 +30,7 @@ class EngineConfig:
     disable_radix_cache: bool = False
     starvation_timeout_s: float = 10.0  # a waiting request older than this jumps the policy order
     attention_backend: str = "auto"
-    grammar_backend: str = "llguidance"  # chosen by measured schema coverage: docs/constrained.md
+    grammar_backend: str = DEFAULT_GRAMMAR_BACKEND  # chosen by measured schema coverage: docs/constrained.md
     enable_jump_forward: bool = True  # append grammar-forced text in one chunk (see docs/constrained.md)
     num_threads: int | None = None  # torch intra-op threads in the worker; None: torch's default
     seed: int = 0
@@ -45,12 +48,13 @@ class EngineConfig:
             raise ValueError(f"max_running_requests must be >= 1 (got {self.max_running_requests})")
         if self.chunked_prefill_size < self.page_size:
             raise ValueError(f"chunked_prefill_size must be >= page_size (got {self.chunked_prefill_size})")
-        if self.schedule_policy not in POLICIES:
-            raise ValueError(f"schedule_policy must be one of {', '.join(POLICIES)} (got {self.schedule_policy!r})")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)} (got {self.attention_backend!r})"
-            )
+        for name, value, choices in (
+            ("schedule_policy", self.schedule_policy, POLICIES),
+            ("attention_backend", self.attention_backend, ATTENTION_BACKENDS),
+            ("grammar_backend", self.grammar_backend, GRAMMAR_BACKENDS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -20,21 +20,18 @@ from typing import Any
 from radixrt import ipc
 from radixrt.config import EngineConfig
 from radixrt.frontend.chat_template import render_chat
-from radixrt.frontend.detokenizer import IncrementalDetokenizer
+from radixrt.frontend.errors import RequestError
+from radixrt.frontend.output import Collected, Delta, OutputStream, Usage
+from radixrt.ipc import TopLogprobs
 from radixrt.model.loader import load_tokenizer
+from radixrt.request import prompt_error
 from radixrt.sampling_params import SamplingParams
 from radixrt.worker import Worker
+from radixrt.worker.process import WorkerProcessClient
 
 log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
 
 
 @dataclass
@@ -47,24 +44,10 @@ class RequestOutput:
     usage: Usage
     prompt_token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
+    top_logprobs: list[TopLogprobs] | None = None
     prompt_logprobs: list[float | None] | None = None
-    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_top_logprobs: list[TopLogprobs] | None = None
     ttft: float | None = None  # seconds from submission to the first generated token
-    error: str | None = None
-
-
-@dataclass
-class StreamChunk:
-    """One increment of a streamed request; the last one has `finished` set and the usage."""
-
-    text: str
-    token_ids: list[int]
-    finished: bool = False
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class EngineDeadError(RuntimeError):
@@ -81,8 +64,6 @@ class Engine:
     def __init__(self, model: str | None = None, worker_process: bool = False, **config: Any) -> None:
         self.config = EngineConfig.from_kwargs(model=model, **config)
         if worker_process:
-            from radixrt.worker_process import WorkerProcessClient
-
             self.worker = WorkerProcessClient(self.config)
         else:
             self.worker = Worker(self.config)
@@ -116,42 +97,20 @@ class Engine:
 
     def generate_stream(
         self, prompt: Prompt | None = None, sampling_params: SamplingParams | dict | None = None, input_ids=None
-    ) -> Iterator[StreamChunk]:
-        """Yield text increments as tokens are generated; abort the request if the caller stops early."""
+    ) -> Iterator[Delta]:
+        """Yield Deltas (new text, token ids) as tokens are generated; the last one has `finished`
+        and the final usage. Stopping the iteration early aborts the request."""
         prompts, _ = self._normalize_prompts(prompt, input_ids)
         if len(prompts) != 1:
             raise ValueError("generate_stream takes a single prompt")
         params = SamplingParams.from_any(sampling_params)
-        ids = self._encode(prompts[0])
-        rid, q = self._submit(ids, params)
-        detok = self._detokenizer(params)
-        finished = False
-        try:
-            while True:
-                out = self._next(rid, q)
-                text = detok.add(out.new_token_ids)
-                stop = detok.stopped and not out.finished
-                if out.finished or stop:
-                    text += detok.flush()
-                    if stop:
-                        self.abort(rid, "stop")
-                    finished = True
-                    reason = "stop" if stop else out.finish_reason
-                    yield StreamChunk(text, out.new_token_ids, True, reason, _usage(out), out.logprobs, out.top_logprobs)
-                    return
-                if text or out.new_token_ids:
-                    yield StreamChunk(text, out.new_token_ids, logprobs=out.logprobs, top_logprobs=out.top_logprobs)
-        finally:
-            if not finished:
-                self.abort(rid)
-            self._streams.pop(rid, None)
-            self._submitted.pop(rid, None)
+        yield from self._deltas(*self._submit(self._encode(prompts[0]), params), params)
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | dict | None = None) -> RequestOutput:
         """Apply the model's chat template and generate the assistant's reply."""
         return self.generate(self.render_chat(messages), sampling_params)
 
-    def chat_stream(self, messages: list[dict], sampling_params=None) -> Iterator[StreamChunk]:
+    def chat_stream(self, messages: list[dict], sampling_params=None) -> Iterator[Delta]:
         return self.generate_stream(self.render_chat(messages), sampling_params)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools=None) -> str:
@@ -210,23 +169,14 @@ class Engine:
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt is empty")
+                raise RequestError("prompt is empty", param="prompt")
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         else:
             ids = list(prompt)
-            vocab = self.worker.model_config.vocab_size
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-                raise ValueError(f"input_ids must be integers in [0, {vocab})")
-        if not ids:
-            raise ValueError("prompt is empty")
-        if len(ids) >= self.max_context:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; this engine's context holds at most {self.max_context - 1} prompt tokens"
-            )
+        error = prompt_error(ids, self.worker.model_config.vocab_size, self.max_context)
+        if error:
+            raise RequestError(error, param="prompt")
         return ids
-
-    def _detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
 
     def _submit(self, ids: list[int], params: SamplingParams) -> tuple[str, queue.Queue]:
         self._check_alive()
@@ -244,46 +194,50 @@ class Engine:
             except queue.Empty:
                 self._check_alive()
 
-    def _collect(self, rid: str, q: queue.Queue, prompt_ids: list[int], params: SamplingParams) -> RequestOutput:
-        detok = self._detokenizer(params)
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        top: list = []
-        ttft = None
+    def _deltas(self, rid: str, q: queue.Queue, params: SamplingParams) -> Iterator[Delta]:
+        """The request's Deltas, from the worker's outputs on its queue."""
+        stream = OutputStream(self.tokenizer, params)
+        finished = False
         try:
-            while True:
-                out = self._next(rid, q)
-                if ttft is None and out.new_token_ids:
-                    ttft = time.perf_counter() - self._submitted[rid]
-                tokens.extend(out.new_token_ids)
-                logprobs.extend(out.logprobs or [])
-                top.extend(out.top_logprobs or [])
-                detok.add(out.new_token_ids)
-                if detok.stopped and not out.finished:
-                    self.abort(rid, "stop")
-                    reason = "stop"
-                elif out.finished:
-                    reason = out.finish_reason
-                else:
+            while not finished:
+                try:
+                    delta = stream.add(self._next(rid, q))
+                except RequestError:
+                    finished = True  # the worker already dropped it
+                    raise
+                if delta is None:
                     continue
-                detok.flush()
-                if out.error:
-                    raise ValueError(out.error)
-                return RequestOutput(
-                    text=detok.text,
-                    token_ids=tokens,
-                    finish_reason=reason,
-                    usage=_usage(out),
-                    prompt_token_ids=prompt_ids,
-                    logprobs=logprobs if params.logprobs else None,
-                    top_logprobs=top if params.logprobs and params.top_logprobs else None,
-                    prompt_logprobs=out.prompt_logprobs,
-                    prompt_top_logprobs=out.prompt_top_logprobs,
-                    ttft=ttft,
-                )
+                if delta.finished:
+                    finished = True
+                    if stream.ends_in_front_end:
+                        self.abort(rid, "stop")
+                yield delta
         finally:
+            if not finished:
+                self.abort(rid)
             self._streams.pop(rid, None)
             self._submitted.pop(rid, None)
+
+    def _collect(self, rid: str, q: queue.Queue, prompt_ids: list[int], params: SamplingParams) -> RequestOutput:
+        submitted = self._submitted[rid]
+        out, ttft = Collected(), None
+        for delta in self._deltas(rid, q, params):
+            if ttft is None and delta.token_ids:
+                ttft = time.perf_counter() - submitted
+            out.add(delta)
+        last = out.last
+        return RequestOutput(
+            text=out.text,
+            token_ids=out.token_ids,
+            finish_reason=last.finish_reason,
+            usage=last.usage,
+            prompt_token_ids=prompt_ids,
+            logprobs=out.logprobs if params.logprobs else None,
+            top_logprobs=out.top_logprobs if params.logprobs and params.top_logprobs else None,
+            prompt_logprobs=last.prompt_logprobs,
+            prompt_top_logprobs=last.prompt_top_logprobs,
+            ttft=ttft,
+        )
 
     # ----- the worker thread -------------------------------------------------------------
 
@@ -323,7 +277,3 @@ class Engine:
             self._dead = exc
             for rid, stream in list(self._streams.items()):
                 stream.put(ipc.ReqOutput(rid, [], True, "error", error=f"worker crashed: {exc!r}"))
-
-
-def _usage(out: ipc.ReqOutput) -> Usage:
-    return Usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)

@@ -8,6 +8,7 @@ in the front end.
 from __future__ import annotations
 
 import msgspec
+import zmq
 
 from radixrt.sampling_params import SamplingParams
 
@@ -35,7 +36,7 @@ class ShutdownReq(msgspec.Struct, tag="shutdown"):
     pass
 
 
-TopLogprobs = list[tuple[int, float]]
+TopLogprobs = list[tuple[int, float]]  # (token id, log-prob) of the most likely alternatives
 
 
 class ReqOutput(msgspec.Struct):
@@ -114,3 +115,11 @@ def decode_to_worker(data: bytes) -> ToWorker:
 
 def decode_from_worker(data: bytes) -> FromWorker:
     return _from_worker.decode(data)
+
+
+def configure_socket(sock: zmq.Socket, linger_ms: int = 0) -> zmq.Socket:
+    """Unbounded queues (a send never blocks or drops a message) and how long close() may flush."""
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    return sock

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from radixrt.cache.base import chain_hashes
 from radixrt.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from radixrt.constrained.base import GrammarMatcher
 
 
 class ReqStatus(enum.Enum):
@@ -42,7 +47,7 @@ class Req:
     admitted_once: bool = False
     num_preemptions: int = 0
     generator: torch.Generator | None = None
-    grammar: object | None = None  # a GrammarMatcher, or a Future of one while it compiles
+    grammar: GrammarMatcher | None = None  # set once the request's grammar has compiled
     finish_reason: str | None = None
     error: str | None = None
     first_token_time: float | None = None
@@ -81,3 +86,14 @@ class Req:
     def append_token(self, token_id: int) -> None:
         self.output_ids.append(token_id)
         self.token_ids.append(token_id)
+
+
+def prompt_error(ids: Sequence[int], vocab_size: int, max_context: int) -> str | None:
+    """Why a prompt cannot run (empty, unknown token ids, no room left to generate), or None."""
+    if not ids:
+        return "the prompt is empty"
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
+        return f"token ids must be integers in [0, {vocab_size})"
+    if len(ids) >= max_context:
+        return f"the prompt has {len(ids)} tokens; this model's context holds at most {max_context - 1}"
+    return None

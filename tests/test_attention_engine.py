@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from conftest import make_tiny_checkpoint
+
 from radixrt import Engine, _native
 
 GREEDY = {"max_new_tokens": 20, "min_new_tokens": 20, "temperature": 0}
@@ -43,7 +43,7 @@ def test_native_greedy_equals_torch(request, model, options):
     outputs = {}
     for backend in ("torch", "native"):
         with Engine(folder, attention_backend=backend, **options) as engine:
-            assert engine.worker.backend.name == backend
+            assert engine.worker.runner.backend.name == backend
             first = engine.generate(input_ids=prompts(), sampling_params=GREEDY)
             again = engine.generate(input_ids=prompts(), sampling_params=GREEDY)  # served from the prefix cache
             stats = engine.stats()

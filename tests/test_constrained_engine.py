@@ -319,7 +319,7 @@ def test_jump_forward_keeps_the_greedy_outputs(corpus, step_corpus):
     It did not when the forced text was appended with its last token: `"a": ` tokenizes to
     '"', 'a', '":', ' ' and SmolLM2, seeing a lone ' ' (its tokenizer writes ' 1' as ' ', '1'),
     answered with numbers: 83 of the 216 corpus outputs changed (`{"name": 1, "ok": 1}` for
-    `{"name": "demo", "count": 12, "ok": true}`). GrammarManager.jump_forward now leaves the
+    `{"name": "demo", "count": 12, "ok": true}`). RequestGrammars.jump_forward now leaves the
     last forced token to the model; then all 216 matched.
     """
     on = corpus.rows[::4]

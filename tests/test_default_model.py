@@ -16,7 +16,9 @@ def engine():
 
 
 def test_knows_the_capital_of_france(engine):
-    out = engine.chat([{"role": "user", "content": "What is the capital of France?"}], {"max_new_tokens": 20, "temperature": 0})
+    out = engine.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], {"max_new_tokens": 20, "temperature": 0}
+    )
     assert "Paris" in out.text
     assert out.finish_reason == "stop"  # ended on <|im_end|>, not on the length limit
 

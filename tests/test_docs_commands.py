@@ -13,8 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from test_server import running_server
+from server_process import running_server
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +51,9 @@ def test_docs_have_curl_examples():
 @pytest.mark.parametrize("name,script", BLOCKS, ids=[name for name, _ in BLOCKS])
 def test_curl_block_runs_as_documented(server, name, script):
     env = {"B": server.url, "B_HOSTPORT": server.url.removeprefix("http://"), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run(["bash", "-c", "set -e\n" + CURL + script], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        ["bash", "-c", "set -e\n" + CURL + script], capture_output=True, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
     replies = [line for line in done.stdout.splitlines() if line.strip()]
     assert replies, done.stderr

@@ -80,7 +80,9 @@ def test_stop_conditions(tiny_llama):
     with Engine(str(tiny_llama), page_size=4) as engine:
         ref = engine.generate(input_ids=[5, 6, 7], sampling_params=GREEDY)
         stop_tok = ref.token_ids[5]
-        out = engine.generate(input_ids=[5, 6, 7], sampling_params=dict(GREEDY, min_new_tokens=0, stop_token_ids=[stop_tok]))
+        out = engine.generate(
+            input_ids=[5, 6, 7], sampling_params=dict(GREEDY, min_new_tokens=0, stop_token_ids=[stop_tok])
+        )
         assert out.token_ids == ref.token_ids[: ref.token_ids.index(stop_tok) + 1]
         assert out.finish_reason == "stop"
         short = engine.generate(input_ids=[5, 6, 7], sampling_params=dict(GREEDY, max_new_tokens=3, min_new_tokens=0))
@@ -112,7 +114,13 @@ def test_logprobs(tiny_llama):
     with Engine(str(tiny_llama), page_size=4) as engine:
         out = engine.generate(
             input_ids=[4, 5, 6, 7],
-            sampling_params={"max_new_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 3, "prompt_logprobs": True},
+            sampling_params={
+                "max_new_tokens": 4,
+                "temperature": 0,
+                "logprobs": True,
+                "top_logprobs": 3,
+                "prompt_logprobs": True,
+            },
         )
     assert len(out.logprobs) == 4 and all(lp <= 0 for lp in out.logprobs)
     assert all(top[0][0] == tok for top, tok in zip(out.top_logprobs, out.token_ids))  # greedy = the top choice

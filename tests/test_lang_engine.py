@@ -199,7 +199,7 @@ def test_logprob_start_len_serves_the_prefix_from_cache(engine):
 
 
 def test_engine_is_accepted_as_a_backend(engine):
-    assert sgl.lang.backend.base.resolve_backend(engine) is sgl.lang.backend.base.resolve_backend(engine)
+    assert sgl.lang.backend.registry.resolve_backend(engine) is sgl.lang.backend.registry.resolve_backend(engine)
     state = continue_text.run(PREFIX, {"max_tokens": 2}, backend=engine)
     assert state.get_meta_info("out")["completion_tokens"] <= 2
 

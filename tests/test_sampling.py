@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from radixrt.sampling import SamplingBatch, _TOP_P_DEPTHS, _apply_penalties, _top_p_floor, prompt_logprobs, sample
+from radixrt.sampling import _TOP_P_DEPTHS, SamplingBatch, _apply_penalties, _top_p_floor, prompt_logprobs, sample
 from radixrt.sampling_params import SamplingParams
 
 V = 64

@@ -14,9 +14,9 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from server_process import KEY, TINY_ARGS, running_server
 
 from radixrt.server.tool_calls import ToolPlan, ToolStream
-from test_server import KEY, TINY_ARGS, running_server
 
 MSG = [{"role": "user", "content": "w5 w6"}]
 WEATHER = {
@@ -64,13 +64,18 @@ def test_parse_conventions():
     message, reason = hermes.message(text, "stop")
     assert reason == "tool_calls" and message["content"] == "Checking."
     (call,) = message["tool_calls"]
-    assert call["id"].startswith("call_") and call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert call["id"].startswith("call_") and call["function"] == {
+        "name": "get_weather",
+        "arguments": '{"city": "Paris"}',
+    }
     bad = "<tool_call>{bad json</tool_call>"
     assert hermes.message(bad, "stop") == ({"role": "assistant", "content": bad}, "stop")
 
     llama = ToolPlan(names=["get_weather"], convention="llama3")
     message, reason = llama.message('{"name": "get_weather", "parameters": {"city": "Oslo"}}', "stop")
-    assert message["content"] is None and json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"city": "Oslo"}
+    assert message["content"] is None and json.loads(message["tool_calls"][0]["function"]["arguments"]) == {
+        "city": "Oslo"
+    }
     assert llama.message('{"name": "unknown_tool", "parameters": {}}', "stop")[1] == "stop"  # not a call: content
 
     forced = ToolPlan(names=["get_weather"], schema="{}")
@@ -112,9 +117,19 @@ BAD_REQUESTS = [
     (CHAT, {"regex": "w5", "guided_choice": ["w5"]}, "choices", False),
     (CHAT, {"response_format": {"type": "json_object"}, "regex": "w5"}, "regex", False),
     (CHAT, {"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools", False),
-    (CHAT, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools", False),
+    (
+        CHAT,
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+        "tools",
+        False,
+    ),
     (CHAT, {"tools": [WEATHER, WEATHER]}, "tools", False),
-    (CHAT, {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", False),
+    (
+        CHAT,
+        {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        "tool_choice",
+        False,
+    ),
     (CHAT, {"tool_choice": "required"}, "tool_choice", False),
     (CHAT, {"tools": [WEATHER], "tool_choice": "required", "regex": "w5"}, "regex", False),
     ("/v1/completions", {"prompt": "w5", "guided_choice": []}, "guided_choice", False),
@@ -128,7 +143,12 @@ COMPILE_ERRORS = [
     (CHAT, {"tools": [BAD_TOOL], "tool_choice": "required"}, "tools", True),
     ("/v1/completions", {"prompt": "w5", "ebnf": "root ::= undefined_rule", "stream": True}, "ebnf", True),
     ("/generate", {"text": "w5", "sampling_params": {"regex": "(("}}, "sampling_params.regex", True),
-    ("/generate", {"text": "w5", "stream": True, "sampling_params": {"json_schema": json.dumps(TYPO)}}, "sampling_params.json_schema", True),
+    (
+        "/generate",
+        {"text": "w5", "stream": True, "sampling_params": {"json_schema": json.dumps(TYPO)}},
+        "sampling_params.json_schema",
+        True,
+    ),
 ]
 
 
@@ -140,7 +160,9 @@ def check_400(server, path, body, param, compiled):
         assert error["message"].startswith(f"invalid {param}: ")
 
 
-@pytest.mark.parametrize("path,body,param,compiled", BAD_REQUESTS, ids=[f"{p}:{x[2]}:{i}" for i, (p, *x) in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    "path,body,param,compiled", BAD_REQUESTS, ids=[f"{p}:{x[2]}:{i}" for i, (p, *x) in enumerate(BAD_REQUESTS)]
+)
 def test_bad_constraint_is_400(tiny, path, body, param, compiled):
     check_400(tiny, path, body, param, compiled)
 
@@ -148,7 +170,9 @@ def test_bad_constraint_is_400(tiny, path, body, param, compiled):
 def test_tiny_still_serving(tiny):
     """Tools with a template that has no tool convention give plain content; unconstrained
     requests still work after all the 400s."""
-    r = post(tiny, CHAT, {"messages": MSG, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "tools": [WEATHER]}).json()
+    r = post(
+        tiny, CHAT, {"messages": MSG, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "tools": [WEATHER]}
+    ).json()
     assert r["choices"][0]["message"]["content"] and "tool_calls" not in r["choices"][0]["message"]
     r = post(tiny, "/v1/completions", {"prompt": "w5", "max_tokens": 2, "temperature": 0, "ignore_eos": True}).json()
     assert r["usage"]["completion_tokens"] == 2
@@ -170,7 +194,11 @@ def client(smol):
 
 def chat(client, content: str, max_tokens: int = 40, **kw):
     return client.chat.completions.create(
-        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0, **kw
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": content}],
+        max_tokens=max_tokens,
+        temperature=0,
+        **kw,
     )
 
 
@@ -183,7 +211,10 @@ def test_json_object_and_json_schema(client):
 
     schema = {
         "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"enum": ["France", "Germany", "Italy"]}},
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "country": {"enum": ["France", "Germany", "Italy"]},
+        },
         "required": ["city", "country"],
     }
     fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}}
@@ -195,7 +226,9 @@ def test_json_object_and_json_schema(client):
 @pytest.mark.slow
 def test_regex_extension_streamed(client):
     pattern = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
-    stream = chat(client, "When did the French Revolution start? Give the date.", stream=True, extra_body={"regex": pattern})
+    stream = chat(
+        client, "When did the French Revolution start? Give the date.", stream=True, extra_body={"regex": pattern}
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert re.fullmatch(pattern, text) and chunks[-1].choices[0].finish_reason == "stop"
@@ -228,7 +261,9 @@ def test_tool_choice_auto_smollm2_is_plain_content(client):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path,body,param,compiled", COMPILE_ERRORS, ids=[f"{p}:{x[2]}:{i}" for i, (p, *x) in enumerate(COMPILE_ERRORS)])
+@pytest.mark.parametrize(
+    "path,body,param,compiled", COMPILE_ERRORS, ids=[f"{p}:{x[2]}:{i}" for i, (p, *x) in enumerate(COMPILE_ERRORS)]
+)
 def test_compile_error_is_400(smol, path, body, param, compiled):
     check_400(smol, path, body, param, compiled)
 
@@ -237,5 +272,9 @@ def test_compile_error_is_400(smol, path, body, param, compiled):
 def test_still_serving_after_errors(client, smol):
     r = chat(client, "What is the capital of France?", max_tokens=12)
     assert "Paris" in r.choices[0].message.content
-    r = post(smol, "/v1/completions", {"prompt": "Is water wet? Answer:", "max_tokens": 4, "temperature": 0, "choices": [" yes", " no"]})
+    r = post(
+        smol,
+        "/v1/completions",
+        {"prompt": "Is water wet? Answer:", "max_tokens": 4, "temperature": 0, "choices": [" yes", " no"]},
+    )
     assert r.json()["choices"][0]["text"] in (" yes", " no")

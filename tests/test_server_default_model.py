@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-
-from test_server import KEY, running_server
+from server_process import KEY, running_server
 
 pytestmark = pytest.mark.slow
 

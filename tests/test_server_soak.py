@@ -18,8 +18,7 @@ import time
 
 import httpx
 import pytest
-
-from test_server import KEY, TINY_ARGS, running_server
+from server_process import KEY, TINY_ARGS, running_server
 
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 N_REQUESTS = 300

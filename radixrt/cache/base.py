@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from radixrt.cache.page_pool import PageAllocator
 
 
-def chain_hashes(token_ids: Sequence[int], page_size: int, salt: str | None = None, known: Sequence[int] = ()) -> list[int]:
+def chain_hashes(
+    token_ids: Sequence[int], page_size: int, salt: str | None = None, known: Sequence[int] = ()
+) -> list[int]:
     """One hash per whole page: hash i identifies token_ids[: (i + 1) * page_size] under `salt`.
 
     Each hash folds in the previous one, so equal hashes mean equal prefixes (up to 64-bit
@@ -75,6 +77,12 @@ class PrefixCache(ABC):
         A side-effect-free peek in O(log n) set lookups, so the scheduler can rank thousands
         of waiting requests every step; admission still matches through the tree.
         """
+
+    @abstractmethod
+    def dfs_order(self, sequences: Sequence[tuple[Sequence[int], str | None]]) -> list[int]:
+        """Indices of (token_ids, salt) `sequences` in SGLang's DFS-weight order: depth first
+        through the cached prefixes, the subtree that most sequences match first, so that the
+        sequences sharing a subtree run back to back. Not counted in the hit statistics."""
 
     @abstractmethod
     def insert(
@@ -133,6 +141,9 @@ class NoPrefixCache(PrefixCache):
 
     def cached_pages(self, page_hashes: Sequence[int]) -> int:
         return 0
+
+    def dfs_order(self, sequences: Sequence[tuple[Sequence[int], str | None]]) -> list[int]:
+        return list(range(len(sequences)))
 
     def insert(self, token_ids, pages, salt=None, page_hashes=None) -> int:
         if len(token_ids) != len(pages) * self.page_size:

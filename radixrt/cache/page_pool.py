@@ -11,16 +11,27 @@ Memory layout (per layer, "NHD" as flashinfer calls it)::
 A request owns a list of page ids (its page table). Token i of the request lives in page
 `page_table[i // page_size]` at offset `i % page_size`, i.e. at flat slot
 `page_table[i // page_size] * page_size + i % page_size` of `k[layer].view(-1, H, D)`.
-Pages are handed out by `PageAllocator`; nothing is reserved up front.
+Page ids are handed out by a `PageAllocator`, which the scheduler's side owns: a
+tensor-parallel rank holds a `KVPool` for its share of the heads and no allocator.
+Nothing is reserved up front.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 
-from radixrt.model.config import ModelConfig
+
+class KVLayout(Protocol):
+    """What the pool needs to know of a model (a `ModelConfig` is one)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int: ...
 
 
 class PageAllocator:
@@ -55,11 +66,11 @@ class PageAllocator:
 
 
 class KVPool:
-    """Per-layer K/V page storage plus the allocator that hands out its pages."""
+    """Per-layer K/V page storage."""
 
     def __init__(
         self,
-        config: ModelConfig,
+        config: KVLayout,
         num_pages: int,
         page_size: int,
         dtype: torch.dtype,
@@ -71,10 +82,9 @@ class KVPool:
         shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.allocator = PageAllocator(num_pages)
 
     @staticmethod
-    def pages_for_budget(config: ModelConfig, memory_bytes: int, page_size: int, dtype: torch.dtype) -> int:
+    def pages_for_budget(config: KVLayout, memory_bytes: int, page_size: int, dtype: torch.dtype) -> int:
         """How many pages fit in `memory_bytes` of K+V storage."""
         per_page = config.kv_bytes_per_token(torch.finfo(dtype).bits // 8) * page_size
         return max(1, memory_bytes // per_page)
@@ -85,6 +95,3 @@ class KVPool:
 
     def flat_v(self, layer: int) -> torch.Tensor:
         return self.v[layer].view(-1, *self.v[layer].shape[2:])
-
-    def num_pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import defaultdict
 from collections.abc import Sequence
 
 from radixrt.cache.base import CacheStats, MatchResult, PrefixCache, chain_hashes
@@ -98,6 +99,33 @@ class RadixCache(PrefixCache):
             else:
                 hi = mid - 1
         return lo
+
+    def dfs_order(self, sequences: Sequence[tuple[Sequence[int], str | None]]) -> list[int]:
+        """Post-order, heaviest child first: the sequences matched deeper in a node's subtree go
+        before the ones whose match stops at the node, as in SGLang (a miss that runs first evicts
+        the pages the deeper hits were about to use: bench/prefix_reuse.py's tight-KV run)."""
+        at_node: dict[_Node, list[int]] = defaultdict(list)
+        for i, (token_ids, salt) in enumerate(sequences):
+            at_node[self.match_prefix(token_ids, salt, record=False).node].append(i)
+        weight: dict[_Node, int] = defaultdict(int)
+        roots: dict[_Node, None] = {}  # a dict, not a set: ties keep a reproducible order
+        for node, indices in at_node.items():
+            while node is not None:  # every ancestor carries the sequences below it
+                weight[node] += len(indices)
+                if node.parent is None:
+                    roots[node] = None
+                node = node.parent
+        ordered: list[int] = []
+        stack = [(node, False) for node in sorted(roots, key=weight.__getitem__)]
+        while stack:  # a node's subtree, heaviest child first, then its own sequences
+            node, children_done = stack.pop()
+            if children_done:
+                ordered.extend(at_node.get(node, ()))
+                continue
+            stack.append((node, True))
+            children = [c for c in node.children.values() if c in weight]
+            stack.extend((c, False) for c in sorted(children, key=weight.__getitem__))  # heaviest popped first
+        return ordered
 
     def insert(
         self,

@@ -28,11 +28,11 @@ class IncrementalDetokenizer:
         self.read_offset = 0
         self.text = ""  # everything decoded so far (up to and without a matched stop string)
         self.emitted = 0  # how much of `text` has been handed out
-        self.stopped = False  # a stop string matched: the request should end
+        self.matched_stop: str | None = None  # the stop string that ended the text, once one has
 
     def add(self, new_ids: list[int]) -> str:
         """Feed new token ids; return the text that is now safe to show."""
-        if self.stopped:
+        if self.matched_stop is not None:
             return ""
         self.token_ids.extend(new_ids)
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # noqa: E731
@@ -45,7 +45,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end of the request: hand out whatever was held back."""
-        if not self.stopped:
+        if self.matched_stop is None:
             tail = self.tokenizer.decode(
                 self.token_ids[self.prefix_offset :], skip_special_tokens=self.skip_special_tokens
             )
@@ -87,7 +87,7 @@ class IncrementalDetokenizer:
         i, s = best
         self.text = self.text[: i + len(s) if self.include_stop_str else i]
         self.emitted = min(self.emitted, len(self.text))
-        self.stopped = True
+        self.matched_stop = s
         return True
 
     def _partial_stop_len(self) -> int:

@@ -21,22 +21,10 @@ import zmq.asyncio
 
 from radixrt import ipc
 from radixrt.config import EngineConfig
-from radixrt.worker_process import from_worker_addr, make_ipc_dir, spawn_worker, to_worker_addr
+from radixrt.frontend.errors import RequestError, WorkerUnavailable
+from radixrt.worker.process import from_worker_addr, make_ipc_dir, spawn_worker, to_worker_addr
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(Exception):
-    """A request the server refuses or cannot finish; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.status, self.param = message, status, param
-
-
-class WorkerUnavailable(RequestError):
-    def __init__(self, message: str = "the worker process is not running; retry shortly") -> None:
-        super().__init__(message, status=503)
 
 
 class WorkerLink:
@@ -70,12 +58,8 @@ class WorkerLink:
         # Sends never wait (NOBLOCK into an unbounded queue), so the PUSH socket is a plain one:
         # aborts go out synchronously even from a cancelled task. Only the reader awaits.
         self._zmq = zmq.asyncio.Context()
-        self._push = zmq.Context.instance().socket(zmq.PUSH)
-        self._pull = self._zmq.socket(zmq.PULL)
-        for sock in (self._push, self._pull):
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.setsockopt(zmq.LINGER, 0)
+        self._push = ipc.configure_socket(zmq.Context.instance().socket(zmq.PUSH))
+        self._pull = ipc.configure_socket(self._zmq.socket(zmq.PULL))
         self._push.bind(to_worker_addr(self.ipc_dir))
         self._pull.bind(from_worker_addr(self.ipc_dir))
         self._tasks.append(asyncio.create_task(self._read_loop(), name="radixrt-reader"))

@@ -23,7 +23,8 @@ from radixrt.lang.api import (
     user_begin,
     user_end,
 )
-from radixrt.lang.backend.base import BaseBackend, get_default_backend
+from radixrt.lang.backend.base import BaseBackend
+from radixrt.lang.backend.registry import get_default_backend
 from radixrt.lang.choices import (
     ChoicesDecision,
     ChoicesSamplingMethod,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from radixrt.lang import ir
-from radixrt.lang.backend.base import get_default_backend, resolve_backend, set_default_backend
+from radixrt.lang.backend.registry import get_default_backend, resolve_backend, set_default_backend
 from radixrt.lang.choices import ChoicesSamplingMethod, token_length_normalized
 from radixrt.lang.program import SglFunction
 

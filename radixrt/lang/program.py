@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from radixrt.lang import ir
-from radixrt.lang.backend.base import BaseBackend, resolve_backend
+from radixrt.lang.backend.base import BaseBackend
+from radixrt.lang.backend.registry import resolve_backend
 from radixrt.lang.interpreter import StreamExecutor
 from radixrt.lang.state import ProgramState
 

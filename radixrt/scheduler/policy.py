@@ -1,21 +1,20 @@
 """Orders the waiting queue each step: FCFS, longest prefix match, or DFS weight.
 
 Every policy puts starving requests (waiting longer than the timeout) first, oldest first,
-so a request with no cache hits still runs eventually.
+so a request with no cache hits still runs eventually. Policies only ask the prefix cache
+questions (`cached_pages`, `dfs_order`); they never walk its tree.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from abc import ABC, abstractmethod
 
 from radixrt.cache.base import PrefixCache
 from radixrt.request import Req
 
 
-class Policy:
-    """FCFS: arrival order (preempted requests are re-queued at the head)."""
-
-    name = "fcfs"
+class Policy(ABC):
+    name: str
 
     def __init__(self, cache: PrefixCache, starvation_timeout_s: float) -> None:
         self.cache = cache
@@ -27,6 +26,16 @@ class Policy:
             return self.rank(waiting)
         rest = [r for r in waiting if now - r.arrival_time <= self.starvation_timeout_s]
         return starving + self.rank(rest)
+
+    @abstractmethod
+    def rank(self, waiting: list[Req]) -> list[Req]:
+        """The policy's own order of the (non-starving) waiting requests."""
+
+
+class FCFS(Policy):
+    """Arrival order (preempted requests are re-queued at the head)."""
+
+    name = "fcfs"
 
     def rank(self, waiting: list[Req]) -> list[Req]:
         return waiting
@@ -45,51 +54,20 @@ class LongestPrefixMatch(Policy):
 
 
 class DFSWeight(Policy):
-    """SGLang's DFS weight: walk the tree depth first, heaviest subtree (most waiting requests) first.
-
-    Requests that share a cached subtree run back to back, so that subtree stays hot while
-    they use it, and a large group of sharers goes before a lone request. Within a node, the
-    requests matched deeper (in its children) go before the ones whose match stops at it, as in
-    SGLang: a miss that runs first evicts the pages the deeper hits were about to use (measured
-    in bench/prefix_reuse.py's tight-KV run: visiting a node's own requests first dropped the
-    hit rate below fcfs's).
-    """
+    """SGLang's DFS weight: requests that share a cached subtree run back to back, the subtree
+    most requests share first, so that subtree stays hot while they use it."""
 
     name = "dfs-weight"
 
     def rank(self, waiting: list[Req]) -> list[Req]:
-        if not self.cache.enabled:
-            return waiting
-        at_node: dict[int, list[Req]] = defaultdict(list)
-        nodes: dict[int, object] = {}
-        for r in waiting:
-            node = self.cache.match_prefix(r.token_ids, r.params.cache_salt, record=False).node
-            at_node[id(node)].append(r)
-            nodes[id(node)] = node
-        weight: dict[int, int] = defaultdict(int)
-        roots: dict[int, object] = {}
-        for key, reqs in at_node.items():
-            node = nodes[key]
-            while node is not None:  # every ancestor carries the requests below it
-                weight[id(node)] += len(reqs)
-                if node.parent is None:
-                    roots[id(node)] = node
-                node = node.parent
-        ordered: list[Req] = []
-        stack = [(node, False) for node in sorted(roots.values(), key=lambda n: weight[id(n)])]
-        while stack:  # post-order: a node's subtree, heaviest child first, then its own requests
-            node, children_done = stack.pop()
-            if children_done:
-                ordered.extend(at_node.get(id(node), ()))
-                continue
-            stack.append((node, True))
-            children = [c for c in node.children.values() if weight.get(id(c))]
-            stack.extend((c, False) for c in sorted(children, key=lambda n: weight[id(n)]))  # heaviest popped first
-        return ordered
+        order = self.cache.dfs_order([(r.token_ids, r.params.cache_salt) for r in waiting])
+        return [waiting[i] for i in order]
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LongestPrefixMatch, DFSWeight, FCFS)}
 
 
 def make_policy(name: str, cache: PrefixCache, starvation_timeout_s: float) -> Policy:
-    policies = {p.name: p for p in (Policy, LongestPrefixMatch, DFSWeight)}
-    if name not in policies:
-        raise ValueError(f"unknown schedule policy {name!r}; choose from {', '.join(policies)}")
-    return policies[name](cache, starvation_timeout_s)
+    if name not in POLICIES:
+        raise ValueError(f"unknown schedule policy {name!r}; choose from {', '.join(POLICIES)}")
+    return POLICIES[name](cache, starvation_timeout_s)

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 
 from radixrt.cache.base import PrefixCache
 from radixrt.cache.page_pool import PageAllocator
-from radixrt.config import EngineConfig
 from radixrt.request import Req, ReqStatus
 from radixrt.scheduler.policy import make_policy
-
 
 # A waiting request that would compute this many tokens a running prefill is computing
 # right now waits instead (SGLang uses the same 32-token threshold).
@@ -35,13 +33,22 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, allocator: PageAllocator, cache: PrefixCache, max_context: int) -> None:
-        self.config = config
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        cache: PrefixCache,
+        *,
+        policy: str,
+        chunked_prefill_size: int,
+        max_running_requests: int,
+        starvation_timeout_s: float,
+    ) -> None:
         self.allocator = allocator
         self.cache = cache
         self.page_size = cache.page_size
-        self.max_context = max_context
-        self.policy = make_policy(config.schedule_policy, cache, config.starvation_timeout_s)
+        self.chunked_prefill_size = chunked_prefill_size
+        self.max_running_requests = max_running_requests
+        self.policy = make_policy(policy, cache, starvation_timeout_s)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.num_preemptions = 0
@@ -73,7 +80,7 @@ class Scheduler:
             if self._reserve(req, req.num_computed + 1, preempt=True):
                 decode.append(req)
                 num_new.append(1)
-        budget = self.config.chunked_prefill_size
+        budget = self.chunked_prefill_size
         prefill: list[Req] = []
         for req in self.running:
             if req.is_prefilling and budget > 0:
@@ -88,11 +95,11 @@ class Scheduler:
 
     def _admit(self, budget: int, prefill: list[Req], num_new: list[int]) -> int:
         """Move waiting requests into the running set while pages, budget and slots last."""
-        if not self.waiting or budget <= 0 or len(self.running) >= self.config.max_running_requests:
+        if not self.waiting or budget <= 0 or len(self.running) >= self.max_running_requests:
             return budget
         in_flight = self._in_flight_pages()
         for req in self.policy.order(list(self.waiting), now=time.monotonic()):
-            if budget <= 0 or len(self.running) >= self.config.max_running_requests:
+            if budget <= 0 or len(self.running) >= self.max_running_requests:
                 break
             if self._shares_in_flight(req, in_flight):
                 continue  # next step it finds those pages cached instead of computing them again

@@ -16,7 +16,8 @@ from starlette.exceptions import HTTPException
 
 from radixrt import __version__
 from radixrt.config import EngineConfig
-from radixrt.frontend.tokenizer_manager import RequestError, TokenizerManager
+from radixrt.frontend.errors import RequestError
+from radixrt.frontend.tokenizer_manager import TokenizerManager
 from radixrt.server import native, openai_chat, openai_completions
 from radixrt.server.common import ClientDisconnected, ServerSettings, ServerState, error_response, state
 from radixrt.server.metrics import ServerMetrics

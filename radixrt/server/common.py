@@ -14,7 +14,9 @@ import msgspec
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from radixrt.frontend.tokenizer_manager import Delta, RequestError, TokenizerManager, WorkerUnavailable
+from radixrt.frontend.errors import RequestError, WorkerUnavailable
+from radixrt.frontend.output import Collected, Delta
+from radixrt.frontend.tokenizer_manager import TokenizerManager
 from radixrt.sampling_params import SamplingParams
 from radixrt.server.metrics import ServerMetrics
 from radixrt.server.protocol import SamplingFields
@@ -72,7 +74,12 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 503: "unavailable_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    503: "unavailable_error",
+}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSON:
@@ -148,9 +155,9 @@ def usage(lasts: list[Delta | None], n: int) -> dict[str, Any]:
     """Each prompt counts once, however many choices (n) it produced."""
     done = [d for d in lasts if d is not None]
     prompts = [lasts[i : i + n] for i in range(0, len(lasts), n)]
-    prompt = sum(next((d.prompt_tokens for d in p if d), 0) for p in prompts)
-    cached = sum(max((d.cached_tokens for d in p if d), default=0) for p in prompts)
-    completion = sum(d.completion_tokens for d in done)
+    prompt = sum(next((d.usage.prompt_tokens for d in p if d), 0) for p in prompts)
+    cached = sum(max((d.usage.cached_tokens for d in p if d), default=0) for p in prompts)
+    completion = sum(d.usage.completion_tokens for d in done)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -273,26 +280,10 @@ async def _gated(stream: AsyncIterator[Delta], gate: asyncio.Event) -> AsyncIter
             yield d
 
 
-@dataclass
-class Collected:
-    """A whole request's output, gathered from its Deltas."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list = field(default_factory=list)
-    last: Delta | None = None
-
-
 async def collect(streams: list[AsyncIterator[Delta]]) -> list[Collected]:
     results = [Collected() for _ in streams]
     async for i, d in merge(streams):
-        r = results[i]
-        r.text += d.text
-        r.token_ids += d.token_ids
-        r.logprobs += d.logprobs or []
-        r.top_logprobs += d.top_logprobs or []
-        r.last = d
+        results[i].add(d)
     return results
 
 

@@ -48,7 +48,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="exit non-zero when the worker process dies instead of restarting it",
     )
     g.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on shutdown (default: %(default)s)"
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let requests finish on shutdown (default: %(default)s)",
     )
 
 
@@ -56,7 +59,7 @@ def serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT; return the process exit code."""
     import uvicorn
 
-    from radixrt.cli import engine_config
+    from radixrt.engine_args import engine_config
     from radixrt.server.app import build_app
     from radixrt.server.common import ServerSettings
 

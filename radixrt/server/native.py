@@ -16,11 +16,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from radixrt.frontend.chat_template import render_chat
-from radixrt.frontend.tokenizer_manager import Delta, RequestError
+from radixrt.frontend.errors import RequestError
+from radixrt.frontend.output import Collected, Delta
 from radixrt.server.common import (
     JSON,
     SSE_DONE,
-    Collected,
     SSEResponse,
     check_model,
     collect,
@@ -187,7 +187,7 @@ def _finish_reason(d: Delta | None) -> dict | None:
     if d is None or not d.finished:
         return None
     if d.finish_reason == "length":
-        return {"type": "length", "length": d.completion_tokens}
+        return {"type": "length", "length": d.usage.completion_tokens}
     if d.finish_reason == "stop":
         return {"type": "stop", "matched": d.matched_stop}
     return {"type": d.finish_reason}
@@ -202,14 +202,16 @@ def _result(body: GenerateRequest, mgr, rid: str, ids: list[int], r: Collected) 
     meta: dict[str, Any] = {
         "id": rid,
         "finish_reason": _finish_reason(d),
-        "prompt_tokens": d.prompt_tokens if d else len(ids),
-        "completion_tokens": d.completion_tokens if d else len(r.token_ids),
-        "cached_tokens": d.cached_tokens if d else 0,
+        "prompt_tokens": d.usage.prompt_tokens if d else len(ids),
+        "completion_tokens": d.usage.completion_tokens if d else len(r.token_ids),
+        "cached_tokens": d.usage.cached_tokens if d else 0,
     }
     if body.return_logprob:
         tok, txt = mgr.tokenizer, body.return_text_in_logprobs
         meta["output_token_logprobs"] = _triples(tok, r.logprobs, r.token_ids, txt)
-        meta["output_top_logprobs"] = [_triples(tok, [v for _, v in top], [t for t, _ in top], txt) for top in r.top_logprobs]
+        meta["output_top_logprobs"] = [
+            _triples(tok, [v for _, v in top], [t for t, _ in top], txt) for top in r.top_logprobs
+        ]
         start = body.logprob_start_len
         inputs, tops = [], []
         if d is not None and d.finished and d.prompt_logprobs is not None and start >= 0:
@@ -247,13 +249,8 @@ async def _generate_stream(body, mgr, rids, prompts, streams, batch: bool):
     acc = [Collected() for _ in streams]
     try:
         async for i, d in merge(streams):
-            r = acc[i]
-            r.text += d.text
-            r.token_ids += d.token_ids
-            r.logprobs += d.logprobs or []
-            r.top_logprobs += d.top_logprobs or []
-            r.last = d
-            event = _result(body, mgr, rids[i], prompts[i], r)
+            acc[i].add(d)
+            event = _result(body, mgr, rids[i], prompts[i], acc[i])
             if batch:
                 event["index"] = i
             yield sse(event)

@@ -9,7 +9,8 @@ import uuid
 from fastapi import APIRouter, Request
 
 from radixrt.frontend.chat_template import render_chat
-from radixrt.frontend.tokenizer_manager import Delta, RequestError
+from radixrt.frontend.errors import RequestError
+from radixrt.frontend.output import Delta
 from radixrt.server.common import (
     JSON,
     SSE_DONE,

@@ -7,7 +7,8 @@ import uuid
 
 from fastapi import APIRouter, Request
 
-from radixrt.frontend.tokenizer_manager import Delta, RequestError
+from radixrt.frontend.errors import RequestError
+from radixrt.frontend.output import Delta
 from radixrt.server.common import (
     JSON,
     SSE_DONE,
@@ -92,7 +93,11 @@ async def completions(body: CompletionRequest, request: Request):
     streams, plan = [], []
     for ids in prompts:
         max_tokens = body.max_tokens if body.max_tokens is not None else mgr.max_context - len(ids)
-        extra = {"logprobs": want_lp, "top_logprobs": body.logprobs or 0, "prompt_logprobs": want_lp and body.echo and not body.stream}
+        extra = {
+            "logprobs": want_lp,
+            "top_logprobs": body.logprobs or 0,
+            "prompt_logprobs": want_lp and body.echo and not body.stream,
+        }
         for i in range(body.n):
             plan.append((ids, make_params(sampling_dict(body, max_tokens, seed_for(body, i), **extra, **grammar))))
     require_worker(st)

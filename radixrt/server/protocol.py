@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from radixrt.frontend.worker_link import RequestError
+from radixrt.frontend.errors import RequestError
 
 INT32 = 2**31 - 1
 MAX_N = 16  # choices per request
@@ -114,8 +114,12 @@ class SamplingFields(_Body):
     skip_special_tokens: bool = True
     # Constrained output: OpenAI's response_format, or one of radixrt/SGLang's fields (vLLM's names work too).
     response_format: ResponseFormat | None = None
-    regex: str | None = Field(None, validation_alias=AliasChoices("regex", "guided_regex"), description="alias guided_regex")
-    ebnf: str | None = Field(None, validation_alias=AliasChoices("ebnf", "guided_grammar"), description="alias guided_grammar")
+    regex: str | None = Field(
+        None, validation_alias=AliasChoices("regex", "guided_regex"), description="alias guided_regex"
+    )
+    ebnf: str | None = Field(
+        None, validation_alias=AliasChoices("ebnf", "guided_grammar"), description="alias guided_grammar"
+    )
     json_schema: str | dict[str, Any] | None = Field(
         None, validation_alias=AliasChoices("json_schema", "guided_json"), description="alias guided_json"
     )
@@ -156,7 +160,10 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = Field(None, description="functions the model may call (see docs/server.md)")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
-        None, description='"auto" (default with tools), "none", "required", or {"type": "function", "function": {"name": ...}}'
+        None,
+        description=(
+            '"auto" (default with tools), "none", "required", or {"type": "function", "function": {"name": ...}}'
+        ),
     )
     parallel_tool_calls: bool | None = Field(None, description="accepted; a forced call is always a single one")
     add_generation_prompt: bool = True

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixrt.constrained.tools import tool_call_schema
-from radixrt.frontend.worker_link import RequestError
+from radixrt.frontend.errors import RequestError
 from radixrt.server.protocol import ChatCompletionRequest
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"

@@ -33,8 +33,10 @@ import zmq
 
 from radixrt import ipc
 from radixrt.config import EngineConfig
+from radixrt.model.loader import read_model_config, resolve_model_path
+from radixrt.worker.worker import Worker
 
-log = logging.getLogger("radixrt.worker_process")
+log = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 500  # while idle, wake this often to notice that the front end is gone
 
@@ -80,17 +82,11 @@ def run_worker(config: dict, model_dir: str, ipc_dir: str, log_level: int = logg
     )
     parent = os.getppid()
     ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    push = ctx.socket(zmq.PUSH)
-    for sock in (pull, push):
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
+    pull = ipc.configure_socket(ctx.socket(zmq.PULL), linger_ms=1000)
+    push = ipc.configure_socket(ctx.socket(zmq.PUSH), linger_ms=1000)
     pull.connect(to_worker_addr(ipc_dir))
     push.connect(from_worker_addr(ipc_dir))
     try:
-        from radixrt.worker import Worker
-
         worker = Worker(EngineConfig(**config), model_dir=model_dir)
     except BaseException as exc:  # report why, then exit non-zero: the front end decides what to do
         log.exception("worker failed to start")
@@ -104,7 +100,7 @@ def run_worker(config: dict, model_dir: str, ipc_dir: str, log_level: int = logg
                 pid=os.getpid(),
                 max_context=worker.max_context,
                 vocab_size=worker.model_config.vocab_size,
-                total_pages=worker.pool.allocator.num_pages,
+                total_pages=worker.allocator.num_pages,
                 page_size=worker.config.page_size,
             )
         )
@@ -161,17 +157,12 @@ class WorkerProcessClient:
     STEP_POLL_MS = 10  # step() waits this long for outputs before returning to the Engine's loop
 
     def __init__(self, config: EngineConfig, model_dir=None, startup_timeout: float = 600.0) -> None:
-        from radixrt.model.loader import read_model_config, resolve_model_path
-
         self.model_dir = Path(model_dir or resolve_model_path(config.model))
         self.model_config = read_model_config(self.model_dir)
         self.ipc_dir = make_ipc_dir()
         self._ctx = zmq.Context()
-        self._push, self._pull = self._ctx.socket(zmq.PUSH), self._ctx.socket(zmq.PULL)
-        for sock in (self._push, self._pull):
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.setsockopt(zmq.LINGER, 0)
+        self._push = ipc.configure_socket(self._ctx.socket(zmq.PUSH))
+        self._pull = ipc.configure_socket(self._ctx.socket(zmq.PULL))
         self._push.bind(to_worker_addr(self.ipc_dir))
         self._pull.bind(from_worker_addr(self.ipc_dir))
         self._outstanding: set[str] = set()

@@ -1,74 +1,78 @@
 """The worker's side of constrained decoding: compile off the step loop, mask, accept, jump forward.
 
 A request with a grammar waits outside the scheduler while its spec compiles on the
-compiler's thread pool, so the batch never stalls on it. Each step, the constrained rows of
-the sampling batch get one packed bitmask; the other rows are never touched.
+compiler's pool (`compiling`: request -> future), so the batch never stalls on it; once
+compiled, `req.grammar` holds its matcher. Each step, the constrained rows of the sampling
+batch get one packed bitmask; the other rows are never touched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import torch
 
 from radixrt.constrained import get_backend
-from radixrt.constrained.base import GrammarMatcher
 from radixrt.constrained.bitmask import allocate_bitmask
 from radixrt.constrained.compiler import GrammarCompiler
 from radixrt.request import Req
 
 
-class GrammarManager:
-    def __init__(self, backend_name: str, tokenizer_loader, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
+class RequestGrammars:
+    def __init__(
+        self, backend_name: str, tokenizer_loader: Callable, vocab_size: int, stop_token_ids: Sequence[int]
+    ) -> None:
         self.backend_name = backend_name
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
         self._tokenizer_loader = tokenizer_loader
         self._compiler: GrammarCompiler | None = None
         self.tokenizer = None
-        self.compiling: list[Req] = []
+        self.compiling: dict[Req, Future] = {}
 
     @property
     def compiler(self) -> GrammarCompiler:
         """Created on the first constrained request: the tokenizer and engine cost ~0.3 s to set up."""
         if self._compiler is None:
             self.tokenizer = self._tokenizer_loader()
-            backend = get_backend(self.backend_name, self.tokenizer, self.vocab_size, stop_token_ids=self.stop_token_ids)
+            backend = get_backend(
+                self.backend_name, self.tokenizer, self.vocab_size, stop_token_ids=self.stop_token_ids
+            )
             self._compiler = GrammarCompiler(backend)
         return self._compiler
 
     def submit(self, req: Req) -> None:
         kind, spec = req.params.grammar_spec
-        req.grammar = self.compiler.submit(kind, spec)
-        self.compiling.append(req)
+        self.compiling[req] = self.compiler.submit(kind, spec)
 
     def discard(self, req: Req) -> None:
-        if req in self.compiling:
-            self.compiling.remove(req)
+        """Forget a request that finished or was aborted, cancelling its compile if it still waits."""
+        future = self.compiling.pop(req, None)
+        if future is not None:
+            future.cancel()
 
     def poll(self) -> tuple[list[Req], list[tuple[Req, str]]]:
         """Requests whose grammar finished compiling: (ready, failed with the error message)."""
         ready, failed = [], []
-        for req in [r for r in self.compiling if r.grammar.done()]:
-            self.compiling.remove(req)
-            error = req.grammar.exception()
+        for req, future in [(r, f) for r, f in self.compiling.items() if f.done()]:
+            del self.compiling[req]
+            error = future.exception()
             if error is not None:
                 failed.append((req, str(error)))
             else:
-                req.grammar = self.compiler.backend.matcher(req.grammar.result())
+                req.grammar = self.compiler.backend.matcher(future.result())
                 ready.append(req)
         return ready, failed
 
     def wait(self, timeout: float) -> None:
         """Block until a compile finishes (or timeout): the idle step loop must not spin."""
-        futures: list[Future] = [r.grammar for r in self.compiling]
-        if futures:
-            wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
+        if self.compiling:
+            wait(list(self.compiling.values()), timeout=timeout, return_when=FIRST_COMPLETED)
 
     def bitmask(self, reqs: Sequence[Req]) -> tuple[torch.Tensor, list[int]] | None:
         """One packed mask for the step's sampling rows and the indices of the constrained ones."""
-        rows = [i for i, r in enumerate(reqs) if isinstance(r.grammar, GrammarMatcher)]
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
         if not rows:
             return None
         mask = allocate_bitmask(len(reqs), self.vocab_size)

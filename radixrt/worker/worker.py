@@ -1,75 +1,70 @@
-"""The worker: owns the model, the KV pool, the prefix cache and the scheduler; runs steps.
+"""The worker: owns the requests, the prefix cache, the scheduler, grammars, sampling and stop rules.
 
 `Worker.handle(msg)` takes the typed messages of `radixrt.ipc`; `Worker.step()` runs one
-forward pass and returns what every request gained. The offline Engine calls these inline;
-`radixrt.worker_process` wraps them in a ZMQ loop in a separate process.
+step and returns what every request gained. The model itself (weights, KV pool, attention)
+is the `ModelRunner`'s: the worker decides which tokens run on which pages, the runner
+computes them. The offline Engine calls the worker inline; `radixrt.worker.process` wraps
+it in a ZMQ loop in a separate process.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
 
 from radixrt import ipc
-from radixrt.attention import make_attention_backend
-from radixrt.attention.base import ForwardBatch
 from radixrt.cache.base import NoPrefixCache
-from radixrt.cache.page_pool import KVPool
+from radixrt.cache.page_pool import PageAllocator
 from radixrt.cache.radix_tree import RadixCache
 from radixrt.config import EngineConfig
-from radixrt.constrained.manager import GrammarManager
-from radixrt.model.loader import iter_weights, load_tokenizer, read_model_config, resolve_model_path
-from radixrt.model.llama import LlamaForCausalLM
-from radixrt.request import Req
-from radixrt.sampling import SamplingBatch, prompt_logprobs, sample
-from radixrt.scheduler.scheduler import ScheduledBatch, Scheduler
+from radixrt.model.loader import load_tokenizer, resolve_model_path
+from radixrt.request import Req, prompt_error
+from radixrt.runner import ModelRunner
+from radixrt.sampling import SamplingBatch, sample
+from radixrt.scheduler.scheduler import Scheduler
+from radixrt.worker.grammar import RequestGrammars
 
 log = logging.getLogger(__name__)
 
 
-def load_model(config: EngineConfig, model_dir) -> LlamaForCausalLM:
-    """Build our model for the checkpoint folder and copy its weights in."""
-    model_config = read_model_config(model_dir)
-    with torch.device(config.device):
-        model = LlamaForCausalLM(model_config)
-    model.load_weights(iter_weights(model_dir, config.torch_dtype, config.device))
-    model.to(config.torch_dtype)
-    model.rotary.float()  # rotary tables stay float32: bf16 angles lose precision at long positions
-    return model.eval()
-
-
 class Worker:
-    def __init__(self, config: EngineConfig, model_dir=None) -> None:
+    def __init__(self, config: EngineConfig, model_dir: str | os.PathLike | None = None) -> None:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
         self.config = config
         self.model_dir = model_dir or resolve_model_path(config.model)
-        self.model = load_model(config, self.model_dir)
-        self.model_config = self.model.config
-        num_pages = KVPool.pages_for_budget(
-            self.model_config, int(config.kv_memory_gb * 2**30), config.page_size, config.torch_dtype
-        )
-        if config.max_total_tokens is not None:
-            num_pages = min(num_pages, config.max_total_tokens // config.page_size)
-        self.pool = KVPool(self.model_config, num_pages, config.page_size, config.torch_dtype, config.device)
+        self.runner = ModelRunner(config, self.model_dir)
+        self.model_config = self.runner.model_config
+        num_pages = self.runner.pool.num_pages
+        self.allocator = PageAllocator(num_pages)
         cache_cls = NoPrefixCache if config.disable_radix_cache else RadixCache
-        self.cache = cache_cls(config.page_size, self.pool.allocator)
-        model_max = config.max_context_len or self.model_config.max_position_embeddings
+        self.cache = cache_cls(config.page_size, self.allocator)
+        model_max = min(config.max_context_len or self.model_config.max_position_embeddings,
+                        self.model_config.max_position_embeddings)  # fmt: skip
         # A request that alone outgrows the pool could never finish: cap the context at the pool size.
-        self.max_context = min(model_max, self.model_config.max_position_embeddings, num_pages * config.page_size)
-        self.scheduler = Scheduler(config, self.pool.allocator, self.cache, self.max_context)
-        self.backend = make_attention_backend(config.attention_backend, config.device)
-        self.eos_ids = set(self.model_config.eos_token_ids)
-        self.grammars = GrammarManager(
-            config.grammar_backend, lambda: load_tokenizer(self.model_dir), self.model_config.vocab_size, sorted(self.eos_ids)
+        self.max_context = min(model_max, num_pages * config.page_size)
+        self.scheduler = Scheduler(
+            self.allocator,
+            self.cache,
+            policy=config.schedule_policy,
+            chunked_prefill_size=config.chunked_prefill_size,
+            max_running_requests=config.max_running_requests,
+            starvation_timeout_s=config.starvation_timeout_s,
+        )
+        self.eos_ids = sorted(set(self.model_config.eos_token_ids))
+        self.grammars = RequestGrammars(
+            config.grammar_backend, lambda: load_tokenizer(self.model_dir), self.model_config.vocab_size, self.eos_ids
         )
         self.reqs: dict[str, Req] = {}
         self._pending: list[ipc.ReqOutput] = []
         self.totals = {"prompt": 0, "generated": 0, "cached": 0, "finished": 0}
-        log.info("worker ready: %d KV pages of %d tokens, %s backend", num_pages, config.page_size, self.backend.name)
+        log.info(
+            "worker ready: %d KV pages of %d tokens, %s backend", num_pages, config.page_size, self.runner.backend.name
+        )
 
     # ----- messages ----------------------------------------------------------------------
 
@@ -85,7 +80,8 @@ class Worker:
         return None
 
     def add_request(self, msg: ipc.GenerateReq) -> None:
-        error = self._check_request(msg)
+        error = (f"duplicate request id {msg.rid!r}" if msg.rid in self.reqs
+                 else prompt_error(msg.input_ids, self.model_config.vocab_size, self.max_context))  # fmt: skip
         if error:
             self._pending.append(ipc.ReqOutput(msg.rid, [], True, "error", error=error))
             return
@@ -96,21 +92,11 @@ class Worker:
                 self.grammars.submit(req)  # joins the scheduler once its grammar has compiled
             except Exception as exc:  # the grammar engine could not be set up for this tokenizer
                 self.reqs.pop(req.rid)
-                self._pending.append(ipc.ReqOutput(msg.rid, [], True, "error", error=f"constrained decoding unavailable: {exc}"))
+                self._pending.append(
+                    ipc.ReqOutput(msg.rid, [], True, "error", error=f"constrained decoding unavailable: {exc}")
+                )
         else:
             self.scheduler.add(req)
-
-    def _check_request(self, msg: ipc.GenerateReq) -> str | None:
-        if msg.rid in self.reqs:
-            return f"duplicate request id {msg.rid!r}"
-        if not msg.input_ids:
-            return "the prompt is empty"
-        if len(msg.input_ids) >= self.max_context:
-            return f"the prompt has {len(msg.input_ids)} tokens; the context holds at most {self.max_context - 1}"
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in msg.input_ids):
-            return f"token ids must be in [0, {vocab})"
-        return None
 
     def abort(self, rid: str, reason: str = "abort") -> None:
         req = self.reqs.get(rid)
@@ -135,96 +121,31 @@ class Worker:
         if scheduled is None:
             self.grammars.wait(timeout=0.01)
             return outputs
-        batch, sample_rows, prompt_rows = self._build_batch(scheduled)
-        logits = self.model(batch, self.pool, self.backend)
+        step = self.runner.build(scheduled.reqs, scheduled.num_new)
+        logits = self.runner.run(step)
         for req, n in zip(scheduled.reqs, scheduled.num_new):
             req.num_computed += n
-        self._record_prompt_logprobs(prompt_rows, logits, scheduled)
-        samplers = [r for r in sample_rows if r[0].params.max_new_tokens > 0]
-        outputs.extend(self._finish(r, [], "length") for r, _ in sample_rows if r.params.max_new_tokens == 0)
-        if samplers:
-            outputs.extend(self._sample(samplers, logits))
+        rows = [i for i, s in enumerate(step.sample_rows) if s.req.params.max_new_tokens > 0]
+        outputs.extend(self._finish(s.req, [], "length") for s in step.sample_rows if s.req.params.max_new_tokens == 0)
+        if rows:
+            outputs.extend(self._sample([step.sample_rows[i].req for i in rows], logits[rows]))
         for req, n in zip(scheduled.reqs, scheduled.num_new):
             if n > 1 and not req.finished:  # a prefill chunk: let waiting requests hit it from the next step
                 self.scheduler.cache_progress(req)
         return outputs
 
-    def _build_batch(self, scheduled: ScheduledBatch):
-        """Flatten the step's tokens and find which logits rows each request needs."""
-        ps = self.config.page_size
-        ids, positions, slots, qo_indptr = [], [], [], [0]
-        logits_rows: list[int] = []
-        sample_rows: list[tuple[Req, int]] = []  # (req, index into logits)
-        prompt_rows: list[tuple[Req, int, int, int]] = []  # (req, first logits row, count, first position)
-        for req, n in zip(scheduled.reqs, scheduled.num_new):
-            start = req.num_computed
-            table = req.page_table
-            ids.extend(req.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            slots.extend(table[p // ps] * ps + p % ps for p in range(start, start + n))
-            first_row = qo_indptr[-1]
-            qo_indptr.append(first_row + n)
-            if req.params.prompt_logprobs and not req.output_ids:
-                prompt_rows.append((req, len(logits_rows), n, start))
-                logits_rows.extend(range(first_row, first_row + n))
-                if start + n == req.num_tokens:
-                    sample_rows.append((req, len(logits_rows) - 1))
-            elif start + n == req.num_tokens:
-                sample_rows.append((req, len(logits_rows)))
-                logits_rows.append(first_row + n - 1)
-        device = self.config.device
-        batch = ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-            positions=torch.tensor(positions, dtype=torch.int64, device=device),
-            out_slots=torch.tensor(slots, dtype=torch.int64, device=device),
-            qo_indptr=qo_indptr,
-            prefix_lens=[r.num_computed for r in scheduled.reqs],
-            seq_lens=[r.num_computed + n for r, n in zip(scheduled.reqs, scheduled.num_new)],
-            page_tables=[r.page_table for r in scheduled.reqs],
-            logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=device),
-            page_size=ps,
-        )
-        return batch, sample_rows, prompt_rows
-
-    def _record_prompt_logprobs(self, prompt_rows, logits: torch.Tensor, scheduled: ScheduledBatch) -> None:
-        """Row at position p predicts token p + 1: that is prompt token p + 1's log-prob.
-
-        The lists stay aligned with the prompt: tokens whose predicting position was not
-        computed here (token 0, a cached prefix before `logprob_start_len`) get None.
-        """
-        for req, row, count, first_pos in prompt_rows:
-            missing = first_pos + 1 - len(req.prompt_logprobs)
-            req.prompt_logprobs.extend([None] * missing)
-            req.prompt_top_logprobs.extend([] for _ in range(missing))
-            start = len(req.prompt_logprobs)  # the first prompt token still without a log-prob
-            last = min(first_pos + count, len(req.prompt_ids) - 1)  # predictions that land inside the prompt
-            n = last - start + 1
-            if n <= 0:
-                continue
-            first_row = row + start - 1 - first_pos
-            targets = torch.tensor(req.prompt_ids[start : last + 1], device=logits.device)
-            chosen, top_ids, top_vals = prompt_logprobs(
-                logits[first_row : first_row + n], targets, req.params.top_logprobs
-            )
-            req.prompt_logprobs.extend(chosen.tolist())
-            req.prompt_top_logprobs.extend(
-                list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_vals.tolist())
-            )
-
-    def _sample(self, rows: list[tuple[Req, int]], logits: torch.Tensor) -> list[ipc.ReqOutput]:
-        reqs = [r for r, _ in rows]
-        picked = logits[torch.tensor([i for _, i in rows], device=logits.device)]
+    def _sample(self, reqs: list[Req], logits: torch.Tensor) -> list[ipc.ReqOutput]:
         batch = SamplingBatch.build(
             [r.params for r in reqs],
             [r.prompt_ids for r in reqs],
             [r.output_ids for r in reqs],
             [r.generator for r in reqs],
-            sorted(self.eos_ids),
+            self.eos_ids,
             self.model_config.vocab_size,
             logits.device,
         )
         masks = self.grammars.bitmask(reqs)
-        result = sample(picked, batch, bitmask=masks and masks[0], bitmask_rows=masks and masks[1])
+        result = sample(logits, batch, bitmask=masks and masks[0], bitmask_rows=masks and masks[1])
         tokens = result.token_ids.tolist()
         chosen = result.logprobs.tolist() if result.logprobs is not None else None
         top_ids = result.top_logprob_ids.tolist() if result.top_logprob_ids is not None else None
@@ -306,15 +227,13 @@ class Worker:
 
     def stats(self) -> ipc.EngineStats:
         c = self.cache.stats()
-        alloc = self.pool.allocator
-        cached_pages = c.cached_pages
         return ipc.EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
-            total_pages=alloc.num_pages,
-            free_pages=alloc.num_free,
-            used_pages=alloc.num_pages - alloc.num_free - cached_pages,
-            cached_pages=cached_pages,
+            total_pages=self.allocator.num_pages,
+            free_pages=self.allocator.num_free,
+            used_pages=self.allocator.num_pages - self.allocator.num_free - c.cached_pages,
+            cached_pages=c.cached_pages,
             evictable_pages=self.cache.evictable_pages,
             protected_pages=self.cache.protected_pages,
             page_size=self.config.page_size,

@@ -1,0 +1,75 @@
+"""The engine's command-line flags, shared by `radixrt generate | chat | serve`: each maps onto an
+`EngineConfig` field, with the choices and defaults that config declares."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from radixrt.config import ATTENTION_BACKENDS, DTYPES, GRAMMAR_BACKENDS, POLICIES, EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that loads a model; each maps onto an EngineConfig field."""
+    d = EngineConfig()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="weights and KV dtype (default: %(default)s)")
+    g.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    g.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page (default: %(default)s)")
+    g.add_argument(
+        "--kv-memory-gb", type=float, default=d.kv_memory_gb, help="KV page pool budget in GiB (default: %(default)s)"
+    )
+    g.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=None,
+        help="cap the KV pool at this many tokens (default: --kv-memory-gb decides)",
+    )
+    g.add_argument(
+        "--max-running-requests", type=int, default=d.max_running_requests, help="max batch size (default: %(default)s)"
+    )
+    g.add_argument(
+        "--chunked-prefill-size",
+        type=int,
+        default=d.chunked_prefill_size,
+        help="prefill tokens per step (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-context-len", type=int, default=None, help="cap on prompt + output tokens (default: the model's)"
+    )
+    g.add_argument(
+        "--schedule-policy",
+        default=d.schedule_policy,
+        choices=list(POLICIES),
+        help="waiting-queue order (default: %(default)s)",
+    )
+    g.add_argument("--disable-radix-cache", action="store_true", help="turn the prefix cache off (for comparison)")
+    g.add_argument(
+        "--starvation-timeout-s",
+        type=float,
+        default=d.starvation_timeout_s,
+        help="age after which a waiting request goes first (default: %(default)s)",
+    )
+    g.add_argument(
+        "--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS, help="default: %(default)s"
+    )
+    g.add_argument(
+        "--grammar-backend",
+        default=d.grammar_backend,
+        choices=list(GRAMMAR_BACKENDS),
+        help="constrained decoding engine (default: %(default)s)",
+    )
+    g.add_argument(
+        "--disable-jump-forward",
+        dest="enable_jump_forward",
+        action="store_false",
+        help="decode grammar-forced text token by token (default: append it and compute it in one step)",
+    )
+    g.add_argument("--num-threads", type=int, default=None, help="torch threads in the worker (default: torch's)")
+    g.add_argument("--seed", type=int, default=d.seed, help="global random seed (default: %(default)s)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})

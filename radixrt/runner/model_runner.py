@@ -1,0 +1,87 @@
+"""ModelRunner: owns the weights, the KV page pool and the attention backend, and runs forwards.
+
+The worker decides (which requests, which pages, which tokens); the runner computes. A step
+goes `StepBatch.build(...)` -> `run(step)` -> logits of the rows to sample, with the prompt
+log-probs of requests that asked for them recorded on the way. `forward(batch)` is the bare
+compute on a `ForwardBatch` of plain tensors: all a tensor-parallel rank other than 0 needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from radixrt.attention import make_attention_backend
+from radixrt.attention.base import ForwardBatch
+from radixrt.cache.page_pool import KVPool
+from radixrt.config import EngineConfig
+from radixrt.model.llama import LlamaForCausalLM
+from radixrt.model.loader import iter_weights, read_model_config
+from radixrt.runner.step_batch import PromptRows, StepBatch
+from radixrt.sampling import prompt_logprobs
+
+log = logging.getLogger(__name__)
+
+
+def load_model(model_dir: str | os.PathLike, dtype: torch.dtype, device: str = "cpu") -> LlamaForCausalLM:
+    """Build our model for the checkpoint folder and copy its weights in."""
+    model_config = read_model_config(model_dir)
+    with torch.device(device):
+        model = LlamaForCausalLM(model_config)
+    model.load_weights(iter_weights(model_dir, dtype, device))
+    model.to(dtype)
+    model.rotary.float()  # rotary tables stay float32: bf16 angles lose precision at long positions
+    return model.eval()
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_dir: str | os.PathLike) -> None:
+        self.device = config.device
+        self.page_size = config.page_size
+        self.model = load_model(model_dir, config.torch_dtype, config.device)
+        self.model_config = self.model.config
+        num_pages = KVPool.pages_for_budget(
+            self.model_config, int(config.kv_memory_gb * 2**30), config.page_size, config.torch_dtype
+        )
+        if config.max_total_tokens is not None:
+            num_pages = min(num_pages, config.max_total_tokens // config.page_size)
+        self.pool = KVPool(self.model_config, num_pages, config.page_size, config.torch_dtype, config.device)
+        self.backend = make_attention_backend(config.attention_backend, config.device)
+
+    def build(self, reqs, num_new) -> StepBatch:
+        return StepBatch.build(reqs, num_new, self.page_size, self.device)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """float32 logits of the rows in batch.logits_indices; K/V of every new token land in the pool."""
+        return self.model(batch, self.pool, self.backend)
+
+    def run(self, step: StepBatch) -> torch.Tensor:
+        """Forward the step; record prompt log-probs; return the logits rows to sample, in sample_rows order."""
+        logits = self.forward(step.forward)
+        for rows in step.prompt_rows:
+            _record_prompt_logprobs(rows, logits)
+        return logits[[s.row for s in step.sample_rows]]
+
+
+def _record_prompt_logprobs(rows: PromptRows, logits: torch.Tensor) -> None:
+    """Row at position p predicts token p + 1: that is prompt token p + 1's log-prob.
+
+    The lists stay aligned with the prompt: tokens whose predicting position was not
+    computed here (token 0, a cached prefix before `logprob_start_len`) get None.
+    """
+    req = rows.req
+    missing = rows.first_position + 1 - len(req.prompt_logprobs)
+    req.prompt_logprobs.extend([None] * missing)
+    req.prompt_top_logprobs.extend([] for _ in range(missing))
+    start = len(req.prompt_logprobs)  # the first prompt token still without a log-prob
+    last = min(rows.first_position + rows.count, len(req.prompt_ids) - 1)  # predictions inside the prompt
+    n = last - start + 1
+    if n <= 0:
+        return
+    first_row = rows.first_row + start - 1 - rows.first_position
+    targets = torch.tensor(req.prompt_ids[start : last + 1], device=logits.device)
+    chosen, top_ids, top_vals = prompt_logprobs(logits[first_row : first_row + n], targets, req.params.top_logprobs)
+    req.prompt_logprobs.extend(chosen.tolist())
+    req.prompt_top_logprobs.extend(list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_vals.tolist()))
