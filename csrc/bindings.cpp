@@ -5,7 +5,8 @@
 namespace radixrt {
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& qo_indptr, const at::Tensor& kv_indptr, const at::Tensor& kv_indices,
-                     const at::Tensor& kv_lens, at::Tensor& out, double scale, bool simd);
+                     const at::Tensor& kv_lens, at::Tensor& out, double scale, bool simd, int64_t window_left,
+                     double softcap);
 void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
               const at::Tensor& slots);
 }  // namespace radixrt
@@ -15,7 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &radixrt::paged_attention, "causal attention over paged KV (decode and prefill)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("qo_indptr"), py::arg("kv_indptr"),
         py::arg("kv_indices"), py::arg("kv_lens"), py::arg("out"), py::arg("scale"), py::arg("simd") = true,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("window_left") = -1, py::arg("softcap") = 0.0, py::call_guard<py::gil_scoped_release>());
   m.def("store_kv", &radixrt::store_kv, "write new K/V rows into their page slots", py::arg("k"), py::arg("v"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::call_guard<py::gil_scoped_release>());
   m.attr("has_avx512") = bool(

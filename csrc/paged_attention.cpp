@@ -9,9 +9,12 @@
 //   key i of b lives at  page = kv_indices[kv_indptr[b] + i / page_size], row i % page_size.
 //
 // Query t (0-based within b's new tokens) sees keys [0, prefix + t]: the causal mask offset by
-// the cached prefix. One pass with an online softmax (running max m, running sum l, unnormalized
-// output acc) over blocks of up to kBlock keys. Each block's K/V rows are read from their pages
-// once, in memory order, into a few KB of per-thread scratch (no whole-sequence gather).
+// the cached prefix; with a sliding window (window_left >= 0, flashinfer's convention) only keys
+// [prefix + t - window_left, prefix + t]. Scores are q . k * scale, soft-capped when softcap > 0
+// (s -> softcap * tanh(s / softcap), Gemma 2) before the softmax. One pass with an online softmax
+// (running max m, running sum l, unnormalized output acc) over blocks of up to kBlock keys. Each
+// block's K/V rows are read from their pages once, in memory order, into a few KB of per-thread
+// scratch (no whole-sequence gather).
 //
 // Work is split into tasks, handed out dynamically to torch's intra-op threads:
 //   - decode (one query): one task per request over all KV heads, so each key block reads whole
@@ -28,6 +31,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -60,7 +64,24 @@ struct Problem {
   const int32_t* kv_lens;
   float scale;
   bool simd;
+  int window_left;  // keys before the query it sees; -1: all (no sliding window)
+  float softcap;    // 0: none
 };
+
+// The first key a query at position `pos` sees.
+inline int first_key(const Problem& p, int pos) { return p.window_left < 0 ? 0 : std::max(0, pos - p.window_left); }
+
+// attend_rows with the scores soft-capped before the softmax (Gemma 2), on fp32 rows.
+inline void attend_rows_capped(const float* q, int rows, const float* const* k, const float* const* v, int n, int d,
+                               float* m, float* l, float* acc, float* s, float cap, bool simd) {
+  for (int r = 0; r < rows; ++r) {
+    float alpha;
+    scores(q + r * d, k, n, d, s, simd);
+    for (int j = 0; j < n; ++j) s[j] = cap * std::tanh(s[j] / cap);
+    update_stats(s, n, m[r], l[r], alpha, simd);
+    accumulate(acc + r * d, alpha, s, v, n, d, simd);
+  }
+}
 
 // Per-thread scratch, sized for the largest task.
 template <typename T>
@@ -86,7 +107,8 @@ void run_task(const Problem& p, const Task& t, const T* q, const T* kc, const T*
   const int32_t* pages = p.kv_indices + p.kv_indptr[t.b];
   const int rows_per_head = nq * G;
   const int rows = (t.h1 - t.h0) * rows_per_head;
-  const bool direct = has_direct_path(D, p.simd);
+  const bool capped = p.softcap > 0.f;
+  const bool direct = has_direct_path(D, p.simd) && !capped;  // the vector path has no soft cap
 
   // Row r = ((hk - h0) * nq + qi) * G + g  <->  query token q_start + q0 + qi, head hk * G + g.
   for (int hk = t.h0; hk < t.h1; ++hk)
@@ -101,9 +123,10 @@ void run_task(const Problem& p, const Task& t, const T* q, const T* kc, const T*
   std::fill(sc.l.begin(), sc.l.begin() + rows, 0.f);
   std::fill(sc.acc.begin(), sc.acc.begin() + size_t(rows) * D, 0.f);
 
-  const int kv_end = std::min(t.kv1, prefix + t.q1);  // the last query's causal limit
+  const int kv_begin = std::max(t.kv0, first_key(p, prefix + t.q0));  // the first query's window start
+  const int kv_end = std::min(t.kv1, prefix + t.q1);                  // the last query's causal limit
   const int64_t* base = sc.base.data();
-  for (int kb = t.kv0; kb < kv_end; kb += kBlock) {
+  for (int kb = kv_begin; kb < kv_end; kb += kBlock) {
     const int n = std::min(kBlock, kv_end - kb);
     int page = kb / p.page_size, row = kb % p.page_size;  // one division per block, not per key
     for (int j = 0; j < n; ++j) {  // element offset of each key row of the block
@@ -142,17 +165,22 @@ void run_task(const Problem& p, const Task& t, const T* q, const T* kc, const T*
         vrow = sc.vrow.data();
       }
       for (int qi = 0; qi < nq; ++qi) {
-        const int visible = std::min(n, prefix + t.q0 + qi + 1 - kb);  // keys of this block it sees
-        if (visible <= 0) continue;
+        const int pos = prefix + t.q0 + qi;
+        const int lo = std::max(0, first_key(p, pos) - kb);  // keys [lo, hi) of this block it sees
+        const int hi = std::min(n, pos + 1 - kb);
+        if (hi <= lo) continue;
         const int r = ((hk - t.h0) * nq + qi) * G;  // its G rows, one per query head of this KV head
         float* qr = sc.q.data() + size_t(r) * D;
         float* acc = sc.acc.data() + size_t(r) * D;
+        float* m = sc.m.data() + r;
+        float* l = sc.l.data() + r;
         if (direct)
-          attend_rows_direct<T>(qr, G, sc.krow_t.data(), sc.vrow_t.data(), visible, D, sc.m.data() + r,
-                                sc.l.data() + r, acc, sc.s.data(), kBlock);
+          attend_rows_direct<T>(qr, G, sc.krow_t.data() + lo, sc.vrow_t.data() + lo, hi - lo, D, m, l, acc,
+                                sc.s.data(), kBlock);
+        else if (capped)
+          attend_rows_capped(qr, G, krow + lo, vrow + lo, hi - lo, D, m, l, acc, sc.s.data(), p.softcap, p.simd);
         else
-          attend_rows(qr, G, krow, vrow, visible, D, sc.m.data() + r, sc.l.data() + r, acc, sc.s.data(), kBlock,
-                      p.simd);
+          attend_rows(qr, G, krow + lo, vrow + lo, hi - lo, D, m, l, acc, sc.s.data(), kBlock, p.simd);
       }
     }
   }
@@ -217,14 +245,15 @@ void run(const Problem& p, int batch, const T* q, const T* kc, const T* vc, T* o
     if (qlen == 0) continue;
     TORCH_CHECK(kv_len >= qlen, "request ", b, " has ", qlen, " new tokens but only ", kv_len, " keys");
     if (qlen == 1) {
-      const int splits = std::max(1, std::min(split_goal, kv_len / kMinSplit));
+      const int first = first_key(p, kv_len - 1);  // splits cover only the keys the query sees
+      const int splits = std::max(1, std::min(split_goal, (kv_len - first) / kMinSplit));
       if (splits == 1) {
-        tasks.push_back({b, 0, p.Hkv, 0, 1, 0, kv_len, -1, int64_t(kv_len) * p.Hkv});
+        tasks.push_back({b, 0, p.Hkv, 0, 1, first, kv_len, -1, int64_t(kv_len - first) * p.Hkv});
         continue;
       }
-      const int chunk = (kv_len + splits - 1) / splits;
+      const int chunk = (kv_len - first + splits - 1) / splits;
       int count = 0;
-      for (int lo = 0; lo < kv_len; lo += chunk, ++count) {
+      for (int lo = first; lo < kv_len; lo += chunk, ++count) {
         const int hi = std::min(kv_len, lo + chunk);
         tasks.push_back({b, 0, p.Hkv, 0, 1, lo, hi, num_partial + count, int64_t(hi - lo) * p.Hkv});
       }
@@ -237,7 +266,8 @@ void run(const Problem& p, int batch, const T* q, const T* kc, const T* vc, T* o
     for (int hk = 0; hk < p.Hkv; ++hk)
       for (int q0 = 0; q0 < qlen; q0 += kQBlock) {
         const int q1 = std::min(qlen, q0 + kQBlock);
-        tasks.push_back({b, hk, hk + 1, q0, q1, 0, kv_len, -1, int64_t(q1 - q0) * (prefix + q1)});
+        const int64_t keys = prefix + q1 - first_key(p, prefix + q0);
+        tasks.push_back({b, hk, hk + 1, q0, q1, 0, kv_len, -1, int64_t(q1 - q0) * keys});
       }
   }
   // Longest first, then dynamic hand-out: ragged lengths still finish together.
@@ -264,7 +294,8 @@ void run(const Problem& p, int batch, const T* q, const T* kc, const T* vc, T* o
 // index tensors int32 on the CPU; out: [T, H, D] contiguous, same dtype as q and the caches.
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& qo_indptr, const at::Tensor& kv_indptr, const at::Tensor& kv_indices,
-                     const at::Tensor& kv_lens, at::Tensor& out, double scale, bool simd) {
+                     const at::Tensor& kv_lens, at::Tensor& out, double scale, bool simd, int64_t window_left,
+                     double softcap) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad q / cache shapes");
   TORCH_CHECK(q.stride(2) == 1 && k_cache.is_contiguous() && v_cache.is_contiguous() && out.is_contiguous(),
               "q rows, the caches and out must be contiguous in head_dim");
@@ -277,10 +308,11 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   TORCH_CHECK(k_cache.size(3) == D && H % Hkv == 0, "head shapes do not match");
   const int batch = kv_lens.numel();
   TORCH_CHECK(qo_indptr.numel() == batch + 1 && kv_indptr.numel() == batch + 1, "indptr sizes do not match");
+  TORCH_CHECK(window_left >= -1 && softcap >= 0, "window_left must be >= -1 and softcap >= 0");
 
   Problem p{H, Hkv, H / Hkv, D, int(k_cache.size(1)), q.stride(0), q.stride(1), int64_t(Hkv) * D,
             qo_indptr.data_ptr<int32_t>(), kv_indptr.data_ptr<int32_t>(), kv_indices.data_ptr<int32_t>(),
-            kv_lens.data_ptr<int32_t>(), float(scale), simd};
+            kv_lens.data_ptr<int32_t>(), float(scale), simd, int(window_left), float(softcap)};
   switch (q.scalar_type()) {
     case at::kFloat:
       run<float>(p, batch, q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),

@@ -31,6 +31,15 @@ def _tiny_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
+# Class defaults that do not fit a tiny model: 128/256-wide heads, Phi-3's pad id 32000.
+FAMILY_DEFAULTS = {
+    "qwen3": {"head_dim": 16},
+    "gemma2": {"head_dim": 16},
+    "gemma3": {"head_dim": 16},
+    "phi3": {"pad_token_id": 0},
+}
+
+
 def make_tiny_checkpoint(folder: Path, family: str = "llama", tie: bool = False, seed: int = 0, **overrides) -> Path:
     """Save a random-weight Hugging Face checkpoint (config.json + safetensors + tokenizer)."""
     import transformers
@@ -49,11 +58,16 @@ def make_tiny_checkpoint(folder: Path, family: str = "llama", tie: bool = False,
         eos_token_id=2,
         rms_norm_eps=1e-5,
     )
+    common.update(FAMILY_DEFAULTS.get(family, {}))
     common.update(overrides)
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }[family]
     model = model_cls(config_cls(**common)).eval()
     # Random init leaves biases at zero; give Qwen2's q/k/v biases values so the test can see them.

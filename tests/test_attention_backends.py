@@ -4,7 +4,9 @@ Each case is a ragged batch: decode requests (one new token over a cached prefix
 chunks (several new tokens, some over a cached prefix), with pages handed out in shuffled order
 so no request's keys are contiguous. The backend under test and the torch reference each get an
 identical copy of the pool; both must write the new K/V to the same slots and return the same
-output, and both must match a float64 oracle computed from the dense keys.
+output, and both must match a float64 oracle computed from the dense keys. Layers may also have a
+sliding window, a logit soft cap and their own softmax scale (`LayerAttention`); the oracle applies
+them as transformers does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from radixrt import _native
 from radixrt.attention import make_attention_backend
-from radixrt.attention.base import ForwardBatch
+from radixrt.attention.base import ForwardBatch, LayerAttention
 from radixrt.attention.native import NativeAttention, paged_index
 from radixrt.attention.torch_ref import TorchAttention
 from radixrt.cache.page_pool import KVPool
@@ -83,7 +85,7 @@ def make_case(shapes, page_size, heads, kv_heads, head_dim, dtype, seed=0, devic
     return Case(pool, batch, q, k, v)
 
 
-def run_backend(backend, case: Case, layer: int = 1):
+def run_backend(backend, case: Case, layer: int = 1, params: LayerAttention | None = None):
     """Run one layer on a private copy of the pool; return (output, the layer's K and V pages)."""
     pool = KVPool.__new__(KVPool)
     pool.__dict__.update(case.pool.__dict__)
@@ -91,12 +93,16 @@ def run_backend(backend, case: Case, layer: int = 1):
     pool.v = [t.clone() for t in case.pool.v]
     batch = ForwardBatch(**{**case.batch.__dict__, "backend_state": {}})
     backend.prepare(batch, pool)
-    out = backend.forward(layer, case.q, case.k, case.v, batch, pool)
+    out = backend.forward(layer, case.q, case.k, case.v, batch, pool, params)
     return out, pool.k[layer], pool.v[layer]
 
 
-def oracle(case: Case, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
-    """Dense float64 causal attention, request by request, from keys read through the page table."""
+def oracle(case: Case, k_pages: torch.Tensor, v_pages: torch.Tensor, params: LayerAttention) -> torch.Tensor:
+    """Dense float64 causal attention, request by request, from keys read through the page table.
+
+    As transformers' eager attention: scores = q.k * scale, soft-capped, then a query at position p
+    sees keys j <= p with p - j < sliding_window.
+    """
     b = case.batch
     flat_k = k_pages.reshape(-1, *k_pages.shape[2:]).cpu().double()
     flat_v = v_pages.reshape(-1, *v_pages.shape[2:]).cpu().double()
@@ -108,8 +114,13 @@ def oracle(case: Case, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Te
         keys = flat_k[slots].repeat_interleave(heads // kv_heads, dim=1)  # [L, H, D]
         values = flat_v[slots].repeat_interleave(heads // kv_heads, dim=1)
         q = case.q[lo:hi].cpu().double()
-        scores = torch.einsum("thd,lhd->htl", q, keys) / q.shape[-1] ** 0.5
-        visible = torch.arange(total)[None, :] <= (b.prefix_lens[r] + torch.arange(hi - lo))[:, None]
+        scores = torch.einsum("thd,lhd->htl", q, keys) * params.scale
+        if params.logit_softcap is not None:
+            scores = params.logit_softcap * torch.tanh(scores / params.logit_softcap)
+        query_pos = (b.prefix_lens[r] + torch.arange(hi - lo))[:, None]
+        visible = torch.arange(total)[None, :] <= query_pos
+        if params.sliding_window is not None:
+            visible &= torch.arange(total)[None, :] > query_pos - params.sliding_window
         probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         out[lo:hi] = torch.einsum("htl,lhd->thd", probs, values)
     return out
@@ -120,12 +131,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def check_parity(backend, case: Case):
-    ref_out, ref_k, ref_v = run_backend(TorchAttention(), case)
-    out, k_pages, v_pages = run_backend(backend, case)
+def check_parity(backend, case: Case, params: LayerAttention | None = None):
+    ref_out, ref_k, ref_v = run_backend(TorchAttention(), case, params=params)
+    out, k_pages, v_pages = run_backend(backend, case, params=params)
     assert torch.equal(k_pages, ref_k) and torch.equal(v_pages, ref_v), "new K/V landed in different slots"
     tol = TOLERANCE[case.q.dtype]
-    exact = oracle(case, ref_k, ref_v)
+    exact = oracle(case, ref_k, ref_v, params or LayerAttention.plain(case.q.shape[-1]))
     assert out.dtype == case.q.dtype and out.shape == case.q.shape
     assert rel_err(out, ref_out) <= tol
     assert rel_err(out, exact) <= tol
@@ -141,7 +152,9 @@ BATCHES = {
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 2, 128)], ids=["mha", "gqa3", "gqa4"])
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 2, 128)], ids=["mha", "gqa3", "gqa4"]
+)
 @pytest.mark.parametrize("batch", list(BATCHES))
 def test_native_fp32_parity(ops, batch, page_size, heads, kv_heads, head_dim):
     case = make_case(BATCHES[batch], page_size, heads, kv_heads, head_dim, torch.float32, seed=page_size + heads)
@@ -181,7 +194,50 @@ def test_native_random_ragged_batches(ops, seed):
     dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16])
     decode = [(rng.randrange(0, 300), 1) for _ in range(rng.randrange(0, 6))]
     prefill = [(rng.choice([0, rng.randrange(0, 200)]), rng.randrange(1, 70)) for _ in range(rng.randrange(0, 4))]
-    check_parity(NativeAttention(ops), make_case(decode + prefill or [(0, 3)], page_size, heads, kv_heads, 64, dtype, seed))
+    case = make_case(decode + prefill or [(0, 3)], page_size, heads, kv_heads, 64, dtype, seed)
+    check_parity(NativeAttention(ops), case)
+
+
+# Sliding windows from one key (the query alone) to wider than any request; soft caps; other scales.
+LAYERS = {
+    "window1": LayerAttention(scale=0.125, sliding_window=1),
+    "window5": LayerAttention(scale=0.125, sliding_window=5),
+    "window16-scale": LayerAttention(scale=0.3, sliding_window=16),
+    "window40-softcap": LayerAttention(scale=0.2, sliding_window=40, logit_softcap=2.0),
+    "softcap": LayerAttention(scale=0.125, logit_softcap=1.5),
+    "window-wider-than-all": LayerAttention(scale=0.125, sliding_window=4096),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_native_window_softcap_scale(ops, batch, layer, dtype):
+    case = make_case(BATCHES[batch], 4, 9, 3, 64, dtype, seed=len(layer))
+    check_parity(NativeAttention(ops), case, LAYERS[layer])
+
+
+@pytest.mark.parametrize("layer", ["window5", "window40-softcap", "softcap"])
+def test_native_window_softcap_portable_path(ops, layer):
+    case = make_case(BATCHES["mixed"], 4, 6, 2, 40, torch.float32, seed=7)
+    check_parity(NativeAttention(ops, simd=False), case, LAYERS[layer])
+    check_parity(NativeAttention(ops), case, LAYERS[layer])
+
+
+def test_native_long_decode_splits_only_the_window(ops):
+    """A window shorter than a long request's keys: the split-KV decode covers the window alone."""
+    case = make_case([(1500, 1), (700, 1), (257, 1), (40, 1)], 16, 9, 3, 64, torch.float32, seed=4)
+    check_parity(NativeAttention(ops), case, LAYERS["window40-softcap"])
+    check_parity(NativeAttention(ops), case, LayerAttention(scale=0.125, sliding_window=600))
+
+
+def test_the_window_and_cap_change_the_output():
+    """So the parity tests above would catch a backend that ignored them."""
+    case = make_case(BATCHES["mixed"], 4, 9, 3, 64, torch.float32)
+    for name in ("window5", "softcap"):
+        plain, _, _ = run_backend(TorchAttention(), case, params=LayerAttention(scale=LAYERS[name].scale))
+        changed, _, _ = run_backend(TorchAttention(), case, params=LAYERS[name])
+        assert rel_err(changed, plain) > 0.05, name
 
 
 def test_paged_index_keeps_only_occupied_pages():

@@ -1,4 +1,13 @@
-"""Our paged forward matches Hugging Face transformers on tiny random-weight models."""
+"""Our paged forward matches Hugging Face transformers on tiny random-weight models.
+
+Two checks per checkpoint, each through both CPU attention backends (torch reference, native):
+  - the logits of a 37-token prompt, run as one step over deliberately shuffled pages, equal
+    transformers' within float32 tolerance;
+  - through the whole Engine (paged KV, chunked prefill in chunks of 8, prefix cache, decode), the
+    prompt's log-probs equal transformers' and 32 greedy tokens are the ones transformers generates.
+The other families (Qwen3, Gemma 2/3, Phi-3, sliding windows, every rope kind) reuse these checks
+in test_model_families.py.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +15,18 @@ import pytest
 import torch
 
 from radixrt import Engine
+from radixrt.attention import make_attention_backend
 from radixrt.attention.base import ForwardBatch
-from radixrt.attention.torch_ref import TorchAttention
 from radixrt.cache.page_pool import KVPool
-from radixrt.config import EngineConfig
-from radixrt.worker import load_model
+from radixrt.model.llama import LlamaForCausalLM
+from radixrt.model.loader import iter_weights, read_model_config
 
 VARIANTS = ["llama-gqa-untied", "llama-tied", "qwen2-bias", "mistral", "llama3-rope"]
+BACKENDS = ["torch", "native"]
+PROMPT_IDS = torch.randint(3, 300, (37,), generator=torch.Generator().manual_seed(1)).tolist()
+GREEDY_PROMPT = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 31, 8]  # 12 tokens: two prefill chunks of 8 and 4
+NEW_TOKENS = 32
+LOGIT_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
 def hf_model(folder):
@@ -21,19 +35,26 @@ def hf_model(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def ours(folder, dtype="float32"):
-    return load_model(EngineConfig(dtype=dtype), folder)
+def ours(folder, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """Our model for the checkpoint, built from the model package alone (no worker)."""
+    model = LlamaForCausalLM(read_model_config(folder))
+    model.load_weights(iter_weights(folder, dtype))
+    return model.to(dtype).eval()
 
 
-def prefill_logits(model, ids: list[int], page_size: int = 4, shuffle_pages: bool = True) -> torch.Tensor:
-    """All-position logits of one sequence through the paged path (pages deliberately out of order)."""
-    cfg = model.config
-    pool = KVPool(cfg, num_pages=64, page_size=page_size, dtype=next(model.parameters()).dtype)
-    n_pages = -(-len(ids) // page_size)
-    pages = pool.allocator.alloc(64)
-    if shuffle_pages:
-        pages = pages[::-1]
-    table = pages[:n_pages]
+def backend(name: str):
+    if name == "native":
+        from radixrt import _native
+
+        if _native.load() is None:
+            pytest.skip(f"native kernels unavailable: {_native.load_error()}")
+    return make_attention_backend(name, "cpu")
+
+
+def prefill_logits(model, ids: list[int], attention, page_size: int = 4) -> torch.Tensor:
+    """All-position logits of one sequence in one step, its pages deliberately out of order."""
+    pool = KVPool(model.config, num_pages=64, page_size=page_size, dtype=next(model.parameters()).dtype)
+    table = list(range(pool.num_pages))[::-1][: -(-len(ids) // page_size)]
     batch = ForwardBatch(
         input_ids=torch.tensor(ids),
         positions=torch.arange(len(ids)),
@@ -45,36 +66,53 @@ def prefill_logits(model, ids: list[int], page_size: int = 4, shuffle_pages: boo
         logits_indices=torch.arange(len(ids)),
         page_size=page_size,
     )
-    return model(batch, pool, TorchAttention())
+    return model(batch, pool, attention)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_prompt_logits_match_transformers(tiny_checkpoints, variant):
-    folder = tiny_checkpoints[variant]
-    ids = torch.randint(3, 300, (37,), generator=torch.Generator().manual_seed(1)).tolist()
+def check_prompt_logits(folder, backend_name: str) -> float:
+    """Assert our prompt logits equal transformers'; return the largest difference."""
     with torch.no_grad():
-        expected = hf_model(folder)(torch.tensor([ids])).logits[0]
-    got = prefill_logits(ours(folder), ids)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        expected = hf_model(folder)(torch.tensor([PROMPT_IDS])).logits[0]
+    got = prefill_logits(ours(folder), PROMPT_IDS, backend(backend_name))
+    torch.testing.assert_close(got, expected, **LOGIT_TOLERANCE)
+    return (got - expected).abs().max().item()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_greedy_tokens_match_transformers(tiny_checkpoints, variant):
-    folder = tiny_checkpoints[variant]
-    prompt = [5, 17, 42, 99, 7, 3, 250]
+def check_engine_greedy(folder, backend_name: str, prompt: list[int] = GREEDY_PROMPT, chunk: int = 8) -> None:
+    """Through Engine with chunked prefill: prompt log-probs close, and the same 32 greedy tokens."""
+    backend(backend_name)  # skips when the native kernels are unavailable
+    model = hf_model(folder)
     with torch.no_grad():
-        ref = hf_model(folder).generate(
-            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32, pad_token_id=0
-        )[0, len(prompt):].tolist()
-    with Engine(str(folder), page_size=4, kv_memory_gb=0.01) as engine:
-        out = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 32, "min_new_tokens": 32, "temperature": 0})
+        lengths = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
+        generated = model.generate(torch.tensor([prompt]), do_sample=False, pad_token_id=0, **lengths)
+        ref = generated[0, len(prompt) :].tolist()
+        logprobs = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    ref_prompt_logprobs = logprobs[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    params = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "temperature": 0, "prompt_logprobs": True}
+    with Engine(
+        str(folder), page_size=4, chunked_prefill_size=chunk, kv_memory_gb=0.01, attention_backend=backend_name
+    ) as engine:
+        out = engine.generate(input_ids=prompt, sampling_params=params)
+    torch.testing.assert_close(torch.tensor(out.prompt_logprobs[1:]), ref_prompt_logprobs, **LOGIT_TOLERANCE)
     assert out.token_ids == ref
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prompt_logits_match_transformers(tiny_checkpoints, variant, backend_name):
+    check_prompt_logits(tiny_checkpoints[variant], backend_name)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_engine_greedy_matches_transformers(tiny_checkpoints, variant, backend_name):
+    check_engine_greedy(tiny_checkpoints[variant], backend_name)
 
 
 def test_bfloat16_close_to_float32(tiny_checkpoints):
     folder = tiny_checkpoints["llama-gqa-untied"]
     ids = list(range(3, 40))
-    fp32 = prefill_logits(ours(folder), ids)
-    bf16 = prefill_logits(ours(folder, "bfloat16"), ids)
+    fp32 = prefill_logits(ours(folder), ids, backend("torch"))
+    bf16 = prefill_logits(ours(folder, torch.bfloat16), ids, backend("torch"))
     assert bf16.dtype == torch.float32
     torch.testing.assert_close(bf16, fp32, rtol=0.1, atol=0.1)

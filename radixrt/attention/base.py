@@ -9,7 +9,9 @@ A step runs the new tokens of several requests at once, flattened into one token
     page_table:  one row of page ids per request; token i of request b sits in
                  slot page_table[b][i // page_size] * page_size + i % page_size
 
-New token t of request b attends causally: to every key at position <= prefix_lens[b] + t.
+New token t of request b attends causally: to every key at position <= prefix_lens[b] + t, or in a
+sliding-window layer only to the last `sliding_window` of them (itself included), as `LayerAttention`
+says per layer.
 """
 
 from __future__ import annotations
@@ -51,6 +53,28 @@ class ForwardBatch:
         return self.num_tokens == self.batch_size
 
 
+@dataclass(frozen=True)
+class LayerAttention:
+    """How one layer attends: softmax(softcap(q . k * scale) + mask) v, the mask causal and maybe windowed.
+
+    Every backend applies all three (the model builds one per layer from its ModelConfig).
+    """
+
+    scale: float
+    sliding_window: int | None = None  # keys a query sees, itself included (transformers' meaning); None: all
+    logit_softcap: float | None = None  # Gemma 2: scores -> logit_softcap * tanh(scores / logit_softcap)
+
+    @classmethod
+    def plain(cls, head_dim: int) -> "LayerAttention":
+        """Causal attention with the usual 1/sqrt(head_dim) scale."""
+        return cls(scale=head_dim**-0.5)
+
+    @property
+    def window_left(self) -> int:
+        """The window as flashinfer (and csrc/) take it: how many keys before the query it sees; -1: all."""
+        return -1 if self.sliding_window is None else self.sliding_window - 1
+
+
 class AttentionBackend(ABC):
     """Writes the step's new K/V into the pool and attends over each request's pages."""
 
@@ -69,8 +93,9 @@ class AttentionBackend(ABC):
         v: torch.Tensor,  # [T, num_kv_heads, head_dim]
         batch: ForwardBatch,
         pool: KVPool,
+        params: LayerAttention | None = None,  # None: LayerAttention.plain(head_dim)
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        """Store k/v at batch.out_slots in layer `layer`, then return causal attention output."""
+        """Store k/v at batch.out_slots in layer `layer`, then return its attention output."""
 
 
 def write_kv(pool: KVPool, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

@@ -13,6 +13,12 @@ the causal mask to the end of each request's keys, which is exactly our "offset 
 prefix". Planning needs the query head count, which only the first layer's call brings, so it
 happens there and every later layer of the step reuses the plan. flashinfer has no float32
 kernels: a float32 pool runs on the torch reference instead (logged once).
+
+A layer's `LayerAttention` goes into the plan: `sm_scale`, `window_left` (flashinfer's left window,
+inclusive: a sliding window of W keys is W - 1) and `logits_soft_cap` (flashinfer applies
+cap * tanh(sm_scale * q.k / cap), as Gemma 2 does). So a model whose layers differ (Gemma: sliding
+and full layers) plans one wrapper per distinct LayerAttention per step, as SGLang does. Written from
+flashinfer's documented plan() arguments; not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from types import ModuleType
 
 import torch
 
-from radixrt.attention.base import AttentionBackend, ForwardBatch, write_kv
+from radixrt.attention.base import AttentionBackend, ForwardBatch, LayerAttention, write_kv
 from radixrt.attention.native import PagedIndex, paged_index
 from radixrt.attention.torch_ref import TorchAttention
 from radixrt.cache.page_pool import KVPool
@@ -51,8 +57,8 @@ class FlashInferAttention(AttentionBackend):
     def __init__(self, flashinfer: ModuleType | None = None) -> None:
         self.fi = flashinfer or import_flashinfer()
         self._workspace: torch.Tensor | None = None
-        self._decode: dict[bool, object] = {}  # use_tensor_cores -> wrapper
-        self._prefill = None
+        self._decode: dict[tuple[bool, LayerAttention], object] = {}  # (use_tensor_cores, params) -> wrapper
+        self._prefill: dict[LayerAttention, object] = {}
         self._fallback = TorchAttention()
         self._warned = False
 
@@ -66,35 +72,39 @@ class FlashInferAttention(AttentionBackend):
             self._fallback.prepare(batch, pool)
             return
         state["index"] = paged_index(batch, pool.k[0].device)
-        state["wrapper"] = None
+        state["plans"] = {}  # LayerAttention -> the wrapper planned for it this step
 
-    def forward(self, layer, q, k, v, batch, pool):
+    def forward(self, layer, q, k, v, batch, pool, params: LayerAttention | None = None):
+        params = params or LayerAttention.plain(q.shape[-1])
         state = batch.backend_state
         if not state["flashinfer"]:
-            return self._fallback.forward(layer, q, k, v, batch, pool)
+            return self._fallback.forward(layer, q, k, v, batch, pool, params)
         write_kv(pool, layer, k, v, batch.out_slots)
-        wrapper = state["wrapper"] or self._plan(batch, pool, num_heads=q.shape[1])
+        wrapper = state["plans"].get(params) or self._plan(batch, pool, q.shape[1], params)
         out = wrapper.run(q.to(pool.dtype).contiguous(), (pool.k[layer], pool.v[layer]))
         return out.to(q.dtype)
 
-    def _plan(self, batch: ForwardBatch, pool: KVPool, num_heads: int):
+    def _plan(self, batch: ForwardBatch, pool: KVPool, num_heads: int, params: LayerAttention):
         state = batch.backend_state
         idx: PagedIndex = state["index"]
         _, page_size, kv_heads, head_dim = pool.k[0].shape
-        options = dict(sm_scale=head_dim**-0.5, q_data_type=pool.dtype, kv_data_type=pool.dtype)
+        options = dict(
+            sm_scale=params.scale, window_left=params.window_left, logits_soft_cap=params.logit_softcap,
+            q_data_type=pool.dtype, kv_data_type=pool.dtype,
+        )  # fmt: skip
         if batch.is_decode_only:
-            wrapper = self._decode_wrapper(num_heads // kv_heads >= TENSOR_CORE_MIN_GROUP, pool.k[0].device)
+            wrapper = self._decode_wrapper(num_heads // kv_heads >= TENSOR_CORE_MIN_GROUP, params, pool.k[0].device)
             wrapper.plan(
                 idx.kv_indptr, idx.kv_indices, idx.last_page_len, num_heads, kv_heads, head_dim, page_size,
                 pos_encoding_mode="NONE", **options,
             )  # fmt: skip
         else:
-            wrapper = self._prefill_wrapper(pool.k[0].device)
+            wrapper = self._prefill_wrapper(params, pool.k[0].device)
             wrapper.plan(
                 idx.qo_indptr, idx.kv_indptr, idx.kv_indices, idx.last_page_len, num_heads, kv_heads, head_dim,
                 page_size, causal=True, **options,
             )  # fmt: skip
-        state["wrapper"] = wrapper
+        state["plans"][params] = wrapper
         return wrapper
 
     def _workspace_on(self, device: torch.device) -> torch.Tensor:
@@ -102,14 +112,15 @@ class FlashInferAttention(AttentionBackend):
             self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         return self._workspace
 
-    def _decode_wrapper(self, use_tensor_cores: bool, device: torch.device):
-        if use_tensor_cores not in self._decode:
-            self._decode[use_tensor_cores] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
+    def _decode_wrapper(self, use_tensor_cores: bool, params: LayerAttention, device: torch.device):
+        key = (use_tensor_cores, params)
+        if key not in self._decode:
+            self._decode[key] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
                 self._workspace_on(device), "NHD", use_tensor_cores=use_tensor_cores
             )
-        return self._decode[use_tensor_cores]
+        return self._decode[key]
 
-    def _prefill_wrapper(self, device: torch.device):
-        if self._prefill is None:
-            self._prefill = self.fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace_on(device), "NHD")
-        return self._prefill
+    def _prefill_wrapper(self, params: LayerAttention, device: torch.device):
+        if params not in self._prefill:
+            self._prefill[params] = self.fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace_on(device), "NHD")
+        return self._prefill[params]

@@ -8,7 +8,8 @@ each request's keys through its page table, in the CSR form flashinfer also uses
     kv_indices:   [7, 2, 5, 9, 4, 1]      only the pages that hold its seq_len keys
     kv_lens:      [seq_len per request]
 
-The index tensors are built once per step in `prepare` and shared by every layer.
+The index tensors are built once per step in `prepare` and shared by every layer. Each layer's
+`LayerAttention` (softmax scale, sliding window, logit soft cap) goes to the kernel as arguments.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from radixrt.attention.base import AttentionBackend, ForwardBatch, write_kv
+from radixrt.attention.base import AttentionBackend, ForwardBatch, LayerAttention, write_kv
 from radixrt.attention.torch_ref import TorchAttention
 from radixrt.cache.page_pool import KVPool
 
@@ -77,10 +78,11 @@ class NativeAttention(AttentionBackend):
             return
         state["index"] = paged_index(batch)
 
-    def forward(self, layer, q, k, v, batch, pool):
+    def forward(self, layer, q, k, v, batch, pool, params: LayerAttention | None = None):
+        params = params or LayerAttention.plain(q.shape[-1])
         state = batch.backend_state
         if not state["native"]:
-            return self._fallback.forward(layer, q, k, v, batch, pool)
+            return self._fallback.forward(layer, q, k, v, batch, pool, params)
         k_cache, v_cache = pool.k[layer], pool.v[layer]
         if k.dtype == pool.dtype and v.dtype == pool.dtype and _rows_contiguous(k) and _rows_contiguous(v):
             self.ops.store_kv(k, v, k_cache, v_cache, batch.out_slots)
@@ -92,8 +94,8 @@ class NativeAttention(AttentionBackend):
         out = torch.empty(q.shape, dtype=pool.dtype)
         idx: PagedIndex = state["index"]
         self.ops.paged_attention(
-            q, k_cache, v_cache, idx.qo_indptr, idx.kv_indptr, idx.kv_indices, idx.kv_lens, out,
-            q.shape[-1] ** -0.5, self.simd,
+            q, k_cache, v_cache, idx.qo_indptr, idx.kv_indptr, idx.kv_indices, idx.kv_lens, out, params.scale,
+            self.simd, window_left=params.window_left, softcap=params.logit_softcap or 0.0,
         )  # fmt: skip
         return out if dtype == pool.dtype else out.to(dtype)
 
