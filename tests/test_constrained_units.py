@@ -108,10 +108,11 @@ def test_compiler_never_blocks_and_caches_results_and_failures():
     future = compiler.submit("regex", "a+")
     again = compiler.submit("regex", "a+")
     assert time.perf_counter() - start < 0.05 and not future.done()  # the step loop is never blocked
-    assert again is future  # concurrent requests with one spec share one compilation
+    assert again is not future and not again.done()  # each caller's own future (cancel() is per caller)
     backend.release.set()
     compiled = future.result(5)
     assert isinstance(compiled, CompiledGrammar) and compiled.handle == "A+"
+    assert again.result(5) is compiled  # one compilation, shared
     bad = compiler.submit("regex", "bad")
     with pytest.raises(GrammarError, match="bad"):
         bad.result(5)

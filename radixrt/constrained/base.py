@@ -1,7 +1,9 @@
 """The grammar backend interface: compile a spec once, then one matcher per request.
 
 A backend turns a spec (JSON schema, regex, EBNF, a list of choices, or "any JSON") into a
-`CompiledGrammar`, which is immutable and shared by every request with the same spec. A
+`CompiledGrammar`, which is immutable and shared by every request with the same spec, in two
+steps: `prepare` (prepare.py: Python, untrusted input, run in a separate process by
+compiler.py) makes the text the engine compiles, and `build` compiles it natively. A
 `GrammarMatcher` is one request's position in that grammar. Each decode step the sampler asks
 it for the allowed tokens (`fill_bitmask`), samples, and tells it the token (`accept_token`).
 
@@ -13,7 +15,6 @@ accepting one only sets `_terminated`, and rolling back un-sets it first.
 
 from __future__ import annotations
 
-import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -21,11 +22,8 @@ from typing import Any, Sequence
 
 import torch
 
-KINDS = ("json_schema", "json_object", "regex", "ebnf", "choices")
-
-
-class GrammarError(ValueError):
-    """An invalid spec, or a feature the backend cannot honor. The message names the feature."""
+from .errors import GrammarError, one_line
+from .prepare import prepare
 
 
 @dataclass(frozen=True)
@@ -118,6 +116,7 @@ class GrammarBackend(ABC):
     """
 
     name: str = ""
+    preprocess: bool = True
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int] | None = None,
                  preprocess: bool = True) -> None:
@@ -131,73 +130,32 @@ class GrammarBackend(ABC):
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
 
     def compile(self, kind: str, spec: str) -> CompiledGrammar:
-        """Compile `spec` (see `KINDS`); raise GrammarError for anything invalid or unsupported."""
-        if kind not in KINDS:
-            raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {', '.join(KINDS)}")
+        """Prepare and build `spec` (see `KINDS`) in this thread; raise GrammarError for anything
+        invalid or unsupported. For tests and benchmarks: a server compiles through
+        GrammarCompiler, which prepares in a separate process."""
+        return self.build(kind, spec, prepare(self.name, kind, spec, self.preprocess))
+
+    def build(self, kind: str, spec: str, prepared: str) -> CompiledGrammar:
+        """The engine object for `prepared`, the text `prepare` made of `spec`. Native code that
+        releases the GIL, so it may run on a thread beside the step loop."""
         start = time.perf_counter()
         try:
-            handle = self._compile(kind, spec)
+            handle = self._compile(kind, prepared)
         except GrammarError:
             raise
         except Exception as exc:  # the engines raise RuntimeError/ValueError with their own text
-            raise GrammarError(f"{self.name}: invalid {kind}: {_one_line(exc)}") from exc
+            raise GrammarError(f"{self.name}: invalid {kind}: {one_line(exc)}") from exc
         return CompiledGrammar(self.name, kind, spec, handle, time.perf_counter() - start)
 
-    def _schema(self, spec: str) -> str:
-        """The json_schema spec to hand the engine: normalized, and refused if it uses a keyword
-        the engine would ignore (schema.py)."""
-        from .schema import check, normalize
-
-        if not self.preprocess:
-            return spec
-        schema = normalize(parse_schema(spec))
-        check(schema, self.name)
-        return json.dumps(schema)
-
-    def _regex(self, spec: str) -> str:
-        from .regex import ascii_classes
-
-        return ascii_classes(spec) if self.preprocess else spec
-
     @abstractmethod
-    def _compile(self, kind: str, spec: str) -> Any: ...
+    def _compile(self, kind: str, prepared: str) -> Any:
+        """The engine's compiled object for the text `prepare` returned for this backend."""
 
     @abstractmethod
     def matcher(self, compiled: CompiledGrammar) -> GrammarMatcher: ...
-
-
-def parse_choices(spec: str) -> list[str]:
-    """`choices` specs are a JSON list of non-empty strings."""
-    try:
-        choices = json.loads(spec)
-    except json.JSONDecodeError as exc:
-        raise GrammarError(f"choices must be a JSON list of strings: {exc}") from None
-    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
-        raise GrammarError("choices must be a non-empty JSON list of non-empty strings")
-    return choices
-
-
-def parse_schema(spec: str) -> dict | bool:
-    try:
-        schema = json.loads(spec)
-    except json.JSONDecodeError as exc:
-        raise GrammarError(f"json_schema is not valid JSON: {exc}") from None
-    if not isinstance(schema, (dict, bool)):
-        raise GrammarError(f"json_schema must be a JSON object, not {type(schema).__name__}")
-    return schema
 
 
 def _bit(i: int) -> int:
     """Bit i of an int32 word as a Python int that fits int32 (bit 31 is the sign bit)."""
     return -(1 << 31) if i == 31 else 1 << i
 
-
-def _one_line(exc: Exception) -> str:
-    """The engine's message on one line, without xgrammar's "[time] /path/file.cc:123: " prefix."""
-    lines = []
-    for line in (str(exc).strip() or type(exc).__name__).splitlines():
-        if line.startswith("[") and ".cc:" in line:
-            line = line.split(": ", 1)[-1]
-        if line.strip():
-            lines.append(line.strip())
-    return " ".join(lines)[:400]

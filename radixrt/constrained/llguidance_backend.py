@@ -1,17 +1,18 @@
 """llguidance (Earley parser over a lazily built lexer DFA; Rust). `pip install llguidance`.
 
-Compiling builds one prototype `LLMatcher` (which checks the grammar against the tokenizer and
+Preparation (prepare.py) turns a spec into llguidance's grammar text and validates it; building
+makes one prototype `LLMatcher` from it (which checks the grammar against the tokenizer and
 warms its lexer); every request gets a `deep_copy` of it, so per-request setup is a copy.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, Sequence
 
 import torch
 
-from .base import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, parse_choices
+from .base import CompiledGrammar, GrammarBackend, GrammarMatcher
+from .errors import GrammarError
 from .vocab import decode_complete_utf8
 
 try:
@@ -19,11 +20,6 @@ try:
     import llguidance.hf
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the llguidance grammar backend needs llguidance: pip install llguidance") from exc
-
-# Compact JSON with the usual separators; unknown keywords are errors, not silently ignored.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
-                 "lenient": False}
-
 
 class LLGuidanceMatcher(GrammarMatcher):
     def __init__(self, matcher: "llg.LLMatcher", stop_token_ids: Sequence[int], vocab_size: int) -> None:
@@ -63,22 +59,10 @@ class LLGuidanceBackend(GrammarBackend):
         self._tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
                                                  eos_token=list(self.stop_token_ids))
 
-    def _compile(self, kind: str, spec: str) -> Any:
-        if kind == "json_schema":
-            grammar = llg.LLMatcher.grammar_from_json_schema(self._schema(spec), overrides=_JSON_OPTIONS)
-        elif kind == "json_object":
-            grammar = llg.LLMatcher.grammar_from_json_schema('{"type": "object"}', overrides=_JSON_OPTIONS)
-        elif kind == "regex":
-            grammar = llg.LLMatcher.grammar_from_regex(self._regex(spec))
-        elif kind == "ebnf":
-            grammar = llg.grammar_from("ebnf", spec)  # GBNF (`root ::= ...`) or Lark
-        else:
-            grammar = llg.LLMatcher.grammar_from_lark(
-                "start: " + " | ".join(json.dumps(c) for c in parse_choices(spec)))
-        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self._tok)
-        if is_error:
-            raise GrammarError(f"llguidance: invalid {kind}: {' '.join(' '.join(messages).split())[:400]}")
-        prototype = llg.LLMatcher(self._tok, grammar, log_level=0)
+    def _compile(self, kind: str, prepared: str) -> Any:
+        # `prepared` is grammar text prepare.py already validated; building the matcher releases
+        # the GIL (llguidance's own note; measured in docs/constrained.md).
+        prototype = llg.LLMatcher(self._tok, prepared, log_level=0)
         if prototype.is_error():
             raise GrammarError(f"llguidance: invalid {kind}: {prototype.get_error()[:400]}")
         return prototype

@@ -13,36 +13,17 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, _bit, parse_choices
+from .base import CompiledGrammar, GrammarBackend, GrammarMatcher, _bit
+from .errors import GrammarError
 from .vocab import decode_complete_utf8, token_bytes
 
 try:
     import outlines_core as oc
-    from outlines_core.json_schema import BOOLEAN, NULL, NUMBER, STRING, WHITESPACE, build_regex_from_schema
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the outlines grammar backend needs outlines-core: pip install outlines-core") from exc
 
 _MAX_ROLLBACK = 512  # states remembered per request for rollback
 _MAX_JUMP_BYTES = 1024
-_REGEX_META = set("\\.+*?()|[]{}^$#&-~")
-
-
-def _json_object_regex() -> str:
-    """A JSON object whose values are scalars, or flat objects/arrays of scalars:
-    {"k": 1, "o": {"x": 2}, "a": [1, "b"]}, but not {"o": {"p": {}}}.
-    outlines' own regex for {"type": "object"} nests three deep and takes ~14 s to index."""
-    def obj(value: str) -> str:
-        member = rf"{STRING}{WHITESPACE}:{WHITESPACE}{value}"
-        return rf"\{{{WHITESPACE}({member}({WHITESPACE},{WHITESPACE}{member})*)?{WHITESPACE}\}}"
-
-    def arr(value: str) -> str:
-        return rf"\[{WHITESPACE}({value}({WHITESPACE},{WHITESPACE}{value})*)?{WHITESPACE}\]"
-
-    scalar = f"({STRING}|{NUMBER}|{BOOLEAN}|{NULL})"
-    return obj(f"({scalar}|{obj(scalar)}|{arr(scalar)})")
-
-
-_JSON_OBJECT = _json_object_regex()
 
 
 class OutlinesMatcher(GrammarMatcher):
@@ -122,20 +103,8 @@ class OutlinesBackend(GrammarBackend):
         self._probes = [(b, by_bytes[bytes([b])][:1], True) if bytes([b]) in by_bytes
                         else (b, starting[b], False) for b in sorted(starting)]
 
-    def _compile(self, kind: str, spec: str) -> Any:
-        if kind == "json_schema":
-            regex = self._regex(build_regex_from_schema(self._schema(spec)))  # its date formats use \d
-        elif kind == "json_object":
-            regex = _JSON_OBJECT
-        elif kind == "regex":
-            regex = self._regex(spec)
-        elif kind == "ebnf":
-            raise GrammarError("outlines: EBNF grammars are not supported (outlines-core compiles regular "
-                               "languages only); use the xgrammar or llguidance backend")
-        else:
-            regex = "|".join("".join("\\" + ch if ch in _REGEX_META else ch for ch in choice)
-                             for choice in parse_choices(spec))
-        return _Compiled(oc.Index(regex, self._vocab), self._probes)
+    def _compile(self, kind: str, prepared: str) -> Any:
+        return _Compiled(oc.Index(prepared, self._vocab), self._probes)  # prepare.py made every kind a regex
 
     def matcher(self, compiled: CompiledGrammar) -> OutlinesMatcher:
         if compiled.backend != self.name:

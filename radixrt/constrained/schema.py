@@ -1,7 +1,7 @@
 """JSON schemas on their way to an engine: normalize, then refuse what the engine would ignore.
 
 `normalize` rewrites a schema into an equivalent or narrower one that every engine reads alike:
-  - `oneOf` whose branches provably exclude each other becomes `anyOf` (same meaning; every
+  - `oneOf` whose branches provably exclude each other (oneof.py) becomes `anyOf` (same meaning; every
     engine can do anyOf, none can check "exactly one");
   - `enum`/`const` next to `type` keep only the values of that type (xgrammar ignores the type);
   - an object with `properties` and no word on extra keys gets `additionalProperties: false`,
@@ -18,11 +18,11 @@ each entry produced invalid outputs there. llguidance refuses what it lacks by i
 from __future__ import annotations
 
 import copy
-import json
 import re
 from typing import Any, Callable, Iterator
 
-from .base import GrammarError
+from .errors import GrammarError
+from .oneof import declared_types, pairwise_disjoint, type_of
 from .regex import ascii_classes
 
 STANDARD_FORMATS = {
@@ -37,7 +37,7 @@ _ANNOTATIONS = {"title", "description", "default", "examples", "example", "$comm
 
 
 def normalize(schema: Any) -> Any:
-    """An equivalent or narrower copy of `schema` (see the module docstring)."""
+    """An equivalent or narrower copy of `schema` (see the module docstring). Linear in its size."""
     schema = copy.deepcopy(schema)
     nodes = list(subschemas(schema))
     for _, node, _ in nodes:
@@ -45,8 +45,10 @@ def normalize(schema: Any) -> Any:
     # Closing objects narrows only where a schema is used positively and alone; composition
     # (allOf, not, if, dependent schemas) could add keys or flip the meaning: leave those be.
     if not any(k in node for _, node, _ in nodes for k in _OPEN_WORLD):
+        branches = {(id(node), id(b)) for _, node, _ in nodes for k in ("anyOf", "oneOf")
+                    if isinstance(node.get(k), list) for b in node[k]}
         for _, node, parent in nodes:
-            _close_object(node, parent)
+            _close_object(node, parent if (id(parent), id(node)) in branches else None)
     return schema
 
 
@@ -57,93 +59,30 @@ def _normalize_node(node: dict) -> None:
         node["patternProperties"] = {ascii_classes(k): v for k, v in node["patternProperties"].items()}
     if isinstance(node.get("format"), str) and node["format"] not in STANDARD_FORMATS:
         del node["format"]
-    types = _declared_types(node)
+    types = declared_types(node)
     if types is not None and isinstance(node.get("enum"), list):
-        node["enum"] = [v for v in node["enum"] if _type_of(v) & types]
+        node["enum"] = [v for v in node["enum"] if type_of(v) & types]
         if not node["enum"]:
             raise GrammarError("no value satisfies this schema: no 'enum' value has the declared 'type'")
-    if types is not None and "const" in node and not _type_of(node["const"]) & types:
+    if types is not None and "const" in node and not type_of(node["const"]) & types:
         raise GrammarError("no value satisfies this schema: 'const' does not have the declared 'type'")
     branches = node.get("oneOf")
-    if isinstance(branches, list) and _pairwise_disjoint(branches, types) and "anyOf" not in node:
+    if isinstance(branches, list) and pairwise_disjoint(branches, types) and "anyOf" not in node:
         node["anyOf"] = node.pop("oneOf")
 
 
-def _close_object(node: dict, parent: dict | None) -> None:
+def _close_object(node: dict, union: dict | None) -> None:
     """additionalProperties: false for an object that lists its properties and says nothing
-    else about extra keys (nor does the schema it is a branch of)."""
+    else about extra keys (nor does `union`, the schema whose anyOf/oneOf branch it is)."""
     props = node.get("properties")
     if not isinstance(props, dict) or not props or not set(node.get("required", [])) <= set(props):
         return
     if any(k in node for k in ("additionalProperties", "patternProperties", "$ref", "anyOf", "oneOf")):
         return
-    if parent is not None and any(node is b for k in ("anyOf", "oneOf") for b in parent.get(k, ())) and \
-            any(k in parent for k in ("properties", "required", "patternProperties", "additionalProperties")):
+    if union is not None and \
+            any(k in union for k in ("properties", "required", "patternProperties", "additionalProperties")):
         return
     node["additionalProperties"] = False
-
-
-# ---- oneOf disjointness ---------------------------------------------------------------------
-def _pairwise_disjoint(branches: list, outer: set[str] | None) -> bool:
-    """True if no value can match two branches: their types differ, or both are objects that
-    pin a required property to different constants (a tagged union)."""
-    if not all(isinstance(b, dict) for b in branches):
-        return False
-    return all(_disjoint(a, b, outer) for i, a in enumerate(branches) for b in branches[i + 1:])
-
-
-def _disjoint(a: dict, b: dict, outer: set[str] | None) -> bool:
-    ta, tb = _meet(_declared_types(a), outer), _meet(_declared_types(b), outer)
-    if ta is not None and tb is not None and not ta & tb:
-        return True
-    va, vb = _values(a), _values(b)
-    if va is not None and vb is not None and not va & vb:
-        return True
-    if ta != {"object"} or tb != {"object"}:
-        return False
-    pa, pb = a.get("properties", {}), b.get("properties", {})
-    for name in set(a.get("required", [])) & set(b.get("required", [])):
-        xa, xb = _values(pa.get(name, {})), _values(pb.get(name, {}))
-        if xa is not None and xb is not None and not xa & xb:
-            return True
-    return False
-
-
-def _declared_types(node: dict) -> set[str] | None:
-    """The JSON types a schema admits, from type/const/enum; None if it does not say."""
-    t = node.get("type")
-    if isinstance(t, str):
-        types = {t}
-    elif isinstance(t, list) and all(isinstance(x, str) for x in t):
-        types = set(t)
-    elif "const" in node:
-        return _type_of(node["const"])
-    elif isinstance(node.get("enum"), list):
-        return set().union(*(_type_of(v) for v in node["enum"])) if node["enum"] else set()
-    else:
-        return None
-    return types | {"integer"} if "number" in types else types
-
-
-def _meet(a: set[str] | None, b: set[str] | None) -> set[str] | None:
-    return b if a is None else a if b is None else a & b
-
-
-def _type_of(value: Any) -> set[str]:
-    if isinstance(value, bool):
-        return {"boolean"}
-    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-        return {"integer", "number"}
-    return {float: {"number"}, str: {"string"}, list: {"array"}, dict: {"object"},
-            type(None): {"null"}}[type(value)]
-
-
-def _values(node: dict) -> set[str] | None:
-    if "const" in node:
-        return {json.dumps(node["const"], sort_keys=True)}
-    if isinstance(node.get("enum"), list):
-        return {json.dumps(v, sort_keys=True) for v in node["enum"]}
-    return None
 
 
 # ---- what each engine would ignore ----------------------------------------------------------
@@ -168,7 +107,7 @@ def _ref_with_siblings(node: dict) -> bool:
 
 
 def _object_keywords_on_other_type(node: dict) -> bool:
-    types = _declared_types(node)
+    types = declared_types(node)
     return types is not None and "object" not in types
 
 
@@ -239,26 +178,34 @@ _SCHEMA_ONE = ("additionalProperties", "additionalItems", "unevaluatedProperties
 
 def subschemas(node: Any, path: str = "",
                parent: dict | None = None) -> Iterator[tuple[str, dict, dict | None]]:
-    """Every schema object inside `node` (depth first): its JSON pointer, itself, its parent."""
-    if not isinstance(node, dict):
-        return
-    yield path, node, parent
+    """Every schema object inside `node` (depth first): its JSON pointer, itself, its parent.
+    An explicit stack, not recursion: nested generators cost O(depth) per schema yielded."""
+    stack = [(path, node, parent)]
+    while stack:
+        path, node, parent = stack.pop()
+        if isinstance(node, dict):
+            yield path, node, parent
+            stack.extend(reversed([(p, child, node) for p, child in _children(path, node)]))
+
+
+def _children(path: str, node: dict) -> Iterator[tuple[str, Any]]:
+    """The values of `node` that are schemas, with their JSON pointers."""
     for key in _SCHEMA_MAPS:
         if isinstance(node.get(key), dict):
             for name, sub in node[key].items():
-                yield from subschemas(sub, f"{path}/{key}/{name}", node)
+                yield f"{path}/{key}/{name}", sub
     for key in _SCHEMA_LISTS:
         if isinstance(node.get(key), list):
             for i, sub in enumerate(node[key]):
-                yield from subschemas(sub, f"{path}/{key}/{i}", node)
+                yield f"{path}/{key}/{i}", sub
     for key in _SCHEMA_ONE:
-        yield from subschemas(node.get(key), f"{path}/{key}", node)
+        yield f"{path}/{key}", node.get(key)
     items = node.get("items")
     if isinstance(items, list):  # draft 4-7 tuple form
         for i, sub in enumerate(items):
-            yield from subschemas(sub, f"{path}/items/{i}", node)
+            yield f"{path}/items/{i}", sub
     else:
-        yield from subschemas(items, f"{path}/items", node)
+        yield f"{path}/items", items
     if isinstance(node.get("dependencies"), dict):
         for name, sub in node["dependencies"].items():
-            yield from subschemas(sub, f"{path}/dependencies/{name}", node)
+            yield f"{path}/dependencies/{name}", sub

@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, parse_choices
+from .base import CompiledGrammar, GrammarBackend, GrammarMatcher
+from .errors import GrammarError
 from .vocab import token_bytes
 
 try:
@@ -64,21 +65,16 @@ class XGrammarBackend(GrammarBackend):
         # Our own LRU (compiler.py) caches compiled grammars; xgrammar's cache is kept small.
         self._compiler = xgr.GrammarCompiler(info, max_threads=max_threads, cache_enabled=False)
 
-    def _compile(self, kind: str, spec: str) -> Any:
+    def _compile(self, kind: str, prepared: str) -> Any:
         c = self._compiler
         if kind == "json_schema":
-            return c.compile_json_schema(self._schema(spec), any_whitespace=False, separators=(", ", ": "),
-                                         strict_mode=True)
+            return c.compile_json_schema(prepared, any_whitespace=False, separators=(", ", ": "), strict_mode=True)
         if kind == "json_object":
             return c.compile_json_schema('{"type": "object"}', any_whitespace=False, separators=(", ", ": "),
                                          strict_mode=False)  # strict would allow only {}
         if kind == "regex":
-            return c.compile_regex(self._regex(spec))
-        if kind == "ebnf":
-            return c.compile_grammar(spec)
-        choices = parse_choices(spec)
-        return c.compile_grammar(
-            xgr.Grammar.from_ebnf("root ::= " + " | ".join(_ebnf_string(s) for s in choices)))
+            return c.compile_regex(prepared)
+        return c.compile_grammar(prepared)  # ebnf, and choices spelled as GBNF by prepare.py
 
     def matcher(self, compiled: CompiledGrammar) -> XGrammarMatcher:
         if compiled.backend != self.name:
@@ -86,15 +82,3 @@ class XGrammarBackend(GrammarBackend):
         m = xgr.GrammarMatcher(compiled.handle)  # rollback is unlimited
         return XGrammarMatcher(m, self.stop_token_ids, self.vocab_size)
 
-
-def _ebnf_string(s: str) -> str:
-    """A GBNF string literal: escape backslash, quote and control characters."""
-    out = []
-    for ch in s:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\x{ord(ch):02x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
