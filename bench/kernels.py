@@ -227,7 +227,7 @@ def bench_end_to_end(
                     engine.generate(input_ids=prompts, sampling_params=params)
                     times[i] += timer.times
             for i, engine in enumerate(engines):
-                config, elt = engine.worker.model_config, torch.finfo(engine.config.torch_dtype).bits // 8
+                config, elt = engine.worker.model_config, torch.finfo(engine.worker.runner.dtype).bits // 8
                 weights = sum(p.numel() * p.element_size() for p in engine.worker.runner.model.parameters())
                 kv = b * (224 + 32 + new_tokens // 2) * config.kv_bytes_per_token(elt)
                 step = statistics.median(times[i])

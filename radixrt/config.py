@@ -5,20 +5,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
-
 from radixrt.attention import BACKENDS as ATTENTION_BACKENDS
 from radixrt.constrained import BACKENDS as GRAMMAR_BACKENDS
 from radixrt.constrained import DEFAULT_BACKEND as DEFAULT_GRAMMAR_BACKEND
+from radixrt.runner.dtype import DTYPE_CHOICES
 from radixrt.scheduler.policy import POLICIES
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class EngineConfig:
     model: str | None = None  # None: the default SmolLM2-135M-Instruct GGUF
-    dtype: str = "float32"
+    dtype: str = "auto"  # weights, activations and KV; auto: bf16 where the device has it (runner/dtype.py)
     device: str = "cpu"
     page_size: int = 16
     kv_memory_gb: float = 1.0  # K+V page pool budget
@@ -31,15 +28,18 @@ class EngineConfig:
     starvation_timeout_s: float = 10.0  # a waiting request older than this jumps the policy order
     attention_backend: str = "auto"
     grammar_backend: str = DEFAULT_GRAMMAR_BACKEND  # chosen by measured schema coverage: docs/constrained.md
+    grammar_compile_timeout_s: float = 10.0  # a grammar still compiling after this fails its request (408)
     enable_jump_forward: bool = True  # append grammar-forced text in one chunk (see docs/constrained.md)
     num_threads: int | None = None  # torch intra-op threads in the worker; None: torch's default
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)} (got {self.dtype!r})")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 1 (got {self.page_size})")
+        if self.grammar_compile_timeout_s <= 0:
+            raise ValueError(f"grammar_compile_timeout_s must be > 0 (got {self.grammar_compile_timeout_s})")
         if self.kv_memory_gb <= 0:
             raise ValueError(f"kv_memory_gb must be > 0 (got {self.kv_memory_gb})")
         if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
@@ -55,10 +55,6 @@ class EngineConfig:
         ):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -26,8 +26,8 @@ from radixrt.ipc import TopLogprobs
 from radixrt.model.loader import load_tokenizer
 from radixrt.request import prompt_error
 from radixrt.sampling_params import SamplingParams
-from radixrt.worker import Worker
 from radixrt.worker.process import WorkerProcessClient
+from radixrt.worker.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ class Engine:
         self._closed = True
         self._inbox.put((ipc.ShutdownReq(), None))
         self._thread.join(timeout=10)
-        if hasattr(self.worker, "close"):  # a worker process: stop it and remove its sockets
-            self.worker.close()
+        self.worker.close()  # stops its background work (and a worker process, removing its sockets)
 
     def __enter__(self) -> "Engine":
         return self

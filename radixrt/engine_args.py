@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from radixrt.config import ATTENTION_BACKENDS, DTYPES, GRAMMAR_BACKENDS, POLICIES, EngineConfig
+from radixrt.config import ATTENTION_BACKENDS, GRAMMAR_BACKENDS, POLICIES, EngineConfig
+from radixrt.runner.dtype import DTYPE_CHOICES
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -14,7 +15,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     d = EngineConfig()
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default=None, help="HF checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="weights and KV dtype (default: %(default)s)")
+    g.add_argument(
+        "--dtype",
+        default=d.dtype,
+        choices=DTYPE_CHOICES,
+        help="weights, activations and KV; auto: bfloat16 where the CPU has AVX512_BF16/AMX or on CUDA, "
+        "float32 for float32 checkpoints and elsewhere (default: %(default)s)",
+    )
     g.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda (default: %(default)s)")
     g.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page (default: %(default)s)")
     g.add_argument(
@@ -59,6 +66,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=d.grammar_backend,
         choices=list(GRAMMAR_BACKENDS),
         help="constrained decoding engine (default: %(default)s)",
+    )
+    g.add_argument(
+        "--grammar-compile-timeout-s",
+        type=float,
+        default=d.grammar_compile_timeout_s,
+        help="a grammar still compiling after this many seconds fails its request with 408 (default: %(default)s)",
     )
     g.add_argument(
         "--disable-jump-forward",

@@ -48,6 +48,7 @@ class ReqOutput(msgspec.Struct):
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "grammar_dead_end" | "error"
     matched_stop: int | None = None  # the stop token id that ended it, if any
     error: str | None = None
+    error_status: int = 400  # with `error`: the HTTP status it means (408 grammar timeout, 413 too large, ...)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -94,6 +95,7 @@ class WorkerReady(msgspec.Struct, tag="ready"):
     vocab_size: int = 0
     total_pages: int = 0
     page_size: int = 0
+    dtype: str = ""  # what `--dtype auto` resolved to
     error: str | None = None
 
 

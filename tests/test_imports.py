@@ -2,6 +2,7 @@
 
 Layers read top-down (server -> frontend -> worker -> scheduler/runner/constrained -> model/attention
 -> cache): a module that imports a higher one, directly or around a loop, is a cycle here.
+Importing `a.b.c` also runs the package `a.b`'s __init__, so that counts as an import of `a.b`.
 """
 
 from __future__ import annotations
@@ -43,8 +44,17 @@ def import_graph() -> dict[str, set[str]]:
                 targets = subs if all(s in modules for s in subs) else [module]
             else:
                 continue
-            graph[name].update(t for t in map(known, targets) if t and t != name)
+            found = {t for t in map(known, targets) if t}
+            # importing a.b.c runs a/__init__ and a/b/__init__ first (except the importer's own packages)
+            own = {name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)}
+            found |= {p for t in found for p in parents(t) if p in modules and p not in own}
+            graph[name].update(found - {name})
     return graph
+
+
+def parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:k]) for k in range(2, len(parts))]  # not the top package: its __init__ is lazy
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

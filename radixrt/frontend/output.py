@@ -52,7 +52,7 @@ class OutputStream:
         """The Delta for one worker output (None when it adds nothing to show); raises RequestError
         when the worker refused or failed the request."""
         if out.error:
-            raise RequestError(out.error)
+            raise RequestError(out.error, out.error_status)
         text = self.detok.add(out.new_token_ids)
         usage = Usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
         stop = self.detok.matched_stop

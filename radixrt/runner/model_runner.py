@@ -19,6 +19,7 @@ from radixrt.cache.page_pool import KVPool
 from radixrt.config import EngineConfig
 from radixrt.model.llama import LlamaForCausalLM
 from radixrt.model.loader import iter_weights, read_model_config
+from radixrt.runner.dtype import resolve_dtype
 from radixrt.runner.step_batch import PromptRows, StepBatch
 from radixrt.sampling import prompt_logprobs
 
@@ -40,14 +41,16 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: str | os.PathLike) -> None:
         self.device = config.device
         self.page_size = config.page_size
-        self.model = load_model(model_dir, config.torch_dtype, config.device)
+        from_gguf = config.model is None or str(config.model).endswith(".gguf")
+        self.dtype = resolve_dtype(config.dtype, model_dir, from_gguf, config.device)
+        self.model = load_model(model_dir, self.dtype, config.device)
         self.model_config = self.model.config
         num_pages = KVPool.pages_for_budget(
-            self.model_config, int(config.kv_memory_gb * 2**30), config.page_size, config.torch_dtype
+            self.model_config, int(config.kv_memory_gb * 2**30), config.page_size, self.dtype
         )
         if config.max_total_tokens is not None:
             num_pages = min(num_pages, config.max_total_tokens // config.page_size)
-        self.pool = KVPool(self.model_config, num_pages, config.page_size, config.torch_dtype, config.device)
+        self.pool = KVPool(self.model_config, num_pages, config.page_size, self.dtype, config.device)
         self.backend = make_attention_backend(config.attention_backend, config.device)
 
     def build(self, reqs, num_new) -> StepBatch:

@@ -1,9 +1,11 @@
 """The worker's side of constrained decoding: compile off the step loop, mask, accept, jump forward.
 
-A request with a grammar waits outside the scheduler while its spec compiles on the
-compiler's pool (`compiling`: request -> future), so the batch never stalls on it; once
-compiled, `req.grammar` holds its matcher. Each step, the constrained rows of the sampling
-batch get one packed bitmask; the other rows are never touched.
+The grammar engine is set up in the background when the worker starts (constrained/compiler.py:
+seconds of tokenizer tables), so the first constrained request does not stall a step. A request
+with a grammar waits outside the scheduler while its spec compiles in the compiler's processes
+(`compiling`: request -> future), within a time and size budget; a request that finishes or is
+aborted first cancels its compile. Once compiled, `req.grammar` holds its matcher. Each step, the
+constrained rows of the sampling batch get one packed bitmask; the other rows are never touched.
 """
 
 from __future__ import annotations
@@ -16,33 +18,30 @@ import torch
 from radixrt.constrained import get_backend
 from radixrt.constrained.bitmask import allocate_bitmask
 from radixrt.constrained.compiler import GrammarCompiler
+from radixrt.constrained.limits import GrammarLimits
 from radixrt.request import Req
 
 
 class RequestGrammars:
     def __init__(
-        self, backend_name: str, tokenizer_loader: Callable, vocab_size: int, stop_token_ids: Sequence[int]
+        self,
+        backend_name: str,
+        tokenizer_loader: Callable,
+        vocab_size: int,
+        stop_token_ids: Sequence[int],
+        limits: GrammarLimits,
     ) -> None:
-        self.backend_name = backend_name
         self.vocab_size = vocab_size
-        self.stop_token_ids = list(stop_token_ids)
-        self._tokenizer_loader = tokenizer_loader
-        self._compiler: GrammarCompiler | None = None
-        self.tokenizer = None
+
+        def make_backend():  # runs on the compiler's setup thread
+            return get_backend(backend_name, tokenizer_loader(), vocab_size, stop_token_ids=list(stop_token_ids))
+
+        self.compiler = GrammarCompiler(make_backend, limits=limits)
+        self.compiler.start()
         self.compiling: dict[Req, Future] = {}
 
-    @property
-    def compiler(self) -> GrammarCompiler:
-        """Created on the first constrained request: the tokenizer and engine cost ~0.3 s to set up."""
-        if self._compiler is None:
-            self.tokenizer = self._tokenizer_loader()
-            backend = get_backend(
-                self.backend_name, self.tokenizer, self.vocab_size, stop_token_ids=self.stop_token_ids
-            )
-            self._compiler = GrammarCompiler(backend)
-        return self._compiler
-
     def submit(self, req: Req) -> None:
+        """Start compiling req's grammar (never blocks: errors arrive through `poll`)."""
         kind, spec = req.params.grammar_spec
         self.compiling[req] = self.compiler.submit(kind, spec)
 
@@ -52,14 +51,15 @@ class RequestGrammars:
         if future is not None:
             future.cancel()
 
-    def poll(self) -> tuple[list[Req], list[tuple[Req, str]]]:
-        """Requests whose grammar finished compiling: (ready, failed with the error message)."""
+    def poll(self) -> tuple[list[Req], list[tuple[Req, Exception]]]:
+        """Requests whose grammar finished compiling: (ready, failed with the error). An error's
+        `http_status` says why: 400 invalid, 408 over the time budget, 413 too large, 503 no engine."""
         ready, failed = [], []
         for req, future in [(r, f) for r, f in self.compiling.items() if f.done()]:
             del self.compiling[req]
             error = future.exception()
             if error is not None:
-                failed.append((req, str(error)))
+                failed.append((req, error))
             else:
                 req.grammar = self.compiler.backend.matcher(future.result())
                 ready.append(req)
@@ -92,9 +92,14 @@ class RequestGrammars:
         forced = req.grammar.find_jump_forward()
         if not forced or budget <= 1:
             return []
-        ids = self.tokenizer.encode(forced, add_special_tokens=False)[:-1][: budget - 1]  # the last token: see above
+        ids = self.compiler.backend.tokenizer.encode(forced, add_special_tokens=False)[:-1][
+            : budget - 1
+        ]  # the last token: see above
         for n, token in enumerate(ids):
             if not req.grammar.accept_token(token):
                 req.grammar.rollback(n)
                 return []
         return ids
+
+    def close(self) -> None:
+        self.compiler.shutdown()

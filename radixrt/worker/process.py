@@ -102,6 +102,7 @@ def run_worker(config: dict, model_dir: str, ipc_dir: str, log_level: int = logg
                 vocab_size=worker.model_config.vocab_size,
                 total_pages=worker.allocator.num_pages,
                 page_size=worker.config.page_size,
+                dtype=str(worker.runner.dtype).removeprefix("torch."),
             )
         )
     )
@@ -109,6 +110,7 @@ def run_worker(config: dict, model_dir: str, ipc_dir: str, log_level: int = logg
     try:
         orphaned = serve(worker, pull, push, parent)
     finally:
+        worker.close()
         pull.close(linger=0)
         push.close(linger=0 if orphaned else None)
         ctx.term()

@@ -20,9 +20,10 @@ from radixrt.cache.base import NoPrefixCache
 from radixrt.cache.page_pool import PageAllocator
 from radixrt.cache.radix_tree import RadixCache
 from radixrt.config import EngineConfig
+from radixrt.constrained.limits import GrammarLimits
 from radixrt.model.loader import load_tokenizer, resolve_model_path
 from radixrt.request import Req, prompt_error
-from radixrt.runner import ModelRunner
+from radixrt.runner.model_runner import ModelRunner
 from radixrt.sampling import SamplingBatch, sample
 from radixrt.scheduler.scheduler import Scheduler
 from radixrt.worker.grammar import RequestGrammars
@@ -57,7 +58,11 @@ class Worker:
         )
         self.eos_ids = sorted(set(self.model_config.eos_token_ids))
         self.grammars = RequestGrammars(
-            config.grammar_backend, lambda: load_tokenizer(self.model_dir), self.model_config.vocab_size, self.eos_ids
+            config.grammar_backend,
+            lambda: load_tokenizer(self.model_dir),
+            self.model_config.vocab_size,
+            self.eos_ids,
+            GrammarLimits(time_budget_s=config.grammar_compile_timeout_s),
         )
         self.reqs: dict[str, Req] = {}
         self._pending: list[ipc.ReqOutput] = []
@@ -106,6 +111,10 @@ class Worker:
     def flush_cache(self) -> bool:
         return self.cache.flush()
 
+    def close(self) -> None:
+        """Stop the background work (grammar compiler processes)."""
+        self.grammars.close()
+
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._pending) or bool(self.grammars.compiling)
 
@@ -116,7 +125,7 @@ class Worker:
         ready, failed = self.grammars.poll()
         for req in ready:
             self.scheduler.add(req)
-        outputs.extend(self._finish(req, [], "error", error) for req, error in failed)
+        outputs.extend(self._fail(req, error) for req, error in failed)
         scheduled = self.scheduler.schedule()
         if scheduled is None:
             self.grammars.wait(timeout=0.01)
@@ -203,6 +212,11 @@ class Worker:
         self.totals["finished"] += 1
         out = self._output(req, new_tokens, reason)
         out.error = error
+        return out
+
+    def _fail(self, req: Req, error: Exception) -> ipc.ReqOutput:
+        out = self._finish(req, [], "error", str(error))
+        out.error_status = getattr(error, "http_status", 400)
         return out
 
     def _output(self, req: Req, new_tokens: list[int], reason: str | None) -> ipc.ReqOutput:
