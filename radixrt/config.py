@@ -26,6 +26,10 @@ class EngineConfig:
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
     starvation_timeout_s: float = 10.0  # a waiting request older than this jumps the policy order
+    kv_disk_dir: str | None = None  # a disk tier for KV pages under this folder (docs/kv_tiers.md); None: memory only
+    kv_disk_gb: float = 16.0  # the disk tier's size cap
+    enable_hierarchical_cache: bool = False  # SGLang's spelling: a disk tier in kv_disk_dir or ~/.cache/radixrt/kv
+    max_pinned_tokens: int | None = None  # cap on pinned prefixes; None: a fifth of the KV pool (cache/pins.py)
     attention_backend: str = "auto"
     grammar_backend: str = DEFAULT_GRAMMAR_BACKEND  # chosen by measured schema coverage: docs/constrained.md
     grammar_compile_timeout_s: float = 10.0  # a grammar still compiling after this fails its request (408)
@@ -44,6 +48,10 @@ class EngineConfig:
             raise ValueError(f"kv_memory_gb must be > 0 (got {self.kv_memory_gb})")
         if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
             raise ValueError(f"max_total_tokens must be >= page_size (got {self.max_total_tokens})")
+        if self.kv_disk_gb <= 0:
+            raise ValueError(f"kv_disk_gb must be > 0 (got {self.kv_disk_gb})")
+        if (self.kv_disk_dir or self.enable_hierarchical_cache) and self.disable_radix_cache:
+            raise ValueError("the KV disk tier needs the radix cache: drop disable_radix_cache")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1 (got {self.max_running_requests})")
         if self.chunked_prefill_size < self.page_size:

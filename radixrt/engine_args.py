@@ -53,6 +53,23 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--disable-radix-cache", action="store_true", help="turn the prefix cache off (for comparison)")
     g.add_argument(
+        "--kv-disk-dir",
+        default=None,
+        help="keep KV pages in a disk tier in this folder, beyond memory and across restarts (docs/kv_tiers.md)",
+    )
+    g.add_argument("--kv-disk-gb", type=float, default=d.kv_disk_gb, help="disk tier size cap (default: %(default)s)")
+    g.add_argument(
+        "--enable-hierarchical-cache",
+        action="store_true",
+        help="SGLang's flag: a disk tier in --kv-disk-dir, or in ~/.cache/radixrt/kv when none is given",
+    )
+    g.add_argument(
+        "--max-pinned-tokens",
+        type=int,
+        default=None,
+        help="cap on the tokens pinned prefixes hold in memory (default: a fifth of the KV pool)",
+    )
+    g.add_argument(
         "--starvation-timeout-s",
         type=float,
         default=d.starvation_timeout_s,

@@ -32,6 +32,18 @@ class StatsReq(msgspec.Struct, tag="stats_req"):
     pass
 
 
+class PinPrefixReq(msgspec.Struct, tag="pin_prefix"):
+    """Keep the cached whole pages of this prefix in memory until unpinned (cache/pins.py)."""
+
+    input_ids: list[int]
+    cache_salt: str | None = None
+
+
+class UnpinPrefixReq(msgspec.Struct, tag="unpin_prefix"):
+    input_ids: list[int]
+    cache_salt: str | None = None
+
+
 class ShutdownReq(msgspec.Struct, tag="shutdown"):
     pass
 
@@ -81,10 +93,28 @@ class EngineStats(msgspec.Struct, tag="stats"):
     generated_tokens: int
     cached_tokens: int
     num_finished: int
+    pinned_pages: int = 0
+    num_pins: int = 0
+    max_pinned_pages: int = 0
+    disk_pages: int = 0  # the disk tier (all zero without one): pages ready to load
+    disk_capacity_pages: int = 0
+    disk_hit_tokens: int = 0  # tokens loaded back from disk instead of recomputed
+    disk_written_pages: int = 0
+    disk_dropped_pages: int = 0  # not written (queue full, disk error)
+    disk_corrupt_pages: int = 0  # failed their checksum on load: skipped
+    disk_pending_io: int = 0
 
 
 class FlushCacheResult(msgspec.Struct, tag="flush_result"):
     ok: bool
+
+
+class PinResult(msgspec.Struct, tag="pin_result"):
+    ok: bool
+    pinned_tokens: int = 0  # of this prefix (pin), or 0 (unpin)
+    total_pinned_tokens: int = 0
+    max_pinned_tokens: int = 0
+    error: str | None = None
 
 
 class WorkerReady(msgspec.Struct, tag="ready"):
@@ -99,8 +129,8 @@ class WorkerReady(msgspec.Struct, tag="ready"):
     error: str | None = None
 
 
-ToWorker = GenerateReq | AbortReq | FlushCacheReq | StatsReq | ShutdownReq
-FromWorker = StepOutputs | EngineStats | FlushCacheResult | WorkerReady
+ToWorker = GenerateReq | AbortReq | FlushCacheReq | StatsReq | ShutdownReq | PinPrefixReq | UnpinPrefixReq
+FromWorker = StepOutputs | EngineStats | FlushCacheResult | WorkerReady | PinResult
 
 _to_worker = msgspec.msgpack.Decoder(ToWorker)
 _from_worker = msgspec.msgpack.Decoder(FromWorker)

@@ -4,16 +4,24 @@ unlock) against a reference model: a dict from each cached page-aligned prefix t
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from radixrt.cache.base import NoPrefixCache, chain_hashes
-from radixrt.cache.page_pool import PageAllocator
+from radixrt.cache.disk_tier import DiskTier
+from radixrt.cache.page_pool import KVPool, PageAllocator
+from radixrt.cache.pins import pin_cap
 from radixrt.cache.radix_tree import RadixCache
+from radixrt.cache.tiered import TieredCache
 
 
 class RecordingAllocator(PageAllocator):
@@ -208,6 +216,55 @@ def test_stale_heap_entries_are_compacted():
     assert cache.evict(2) == 2
 
 
+def test_pinned_prefix_survives_eviction_until_unpinned():
+    cache, alloc = make(page_size=2, num_pages=16)
+    system = cache_seq(cache, alloc, [1, 2, 3, 4, 5, 6])
+    cache_seq(cache, alloc, [7, 7, 7, 7])
+    result = cache.pins.pin([1, 2, 3, 4, 5, 6, 9])  # the trailing partial page is not pinned
+    assert (result.ok, result.pinned_tokens) == (True, 6)
+    assert cache.pins.pin([1, 2, 3, 4, 5, 6]).pinned_tokens == 6 and len(cache.pins) == 1  # the same pin
+    assert cache.evict(100) == 2  # only [7 7 7 7]
+    assert cache.match_prefix([1, 2, 3, 4, 5, 6]).pages == system
+    assert cache.stats().pinned_pages == 3 and cache.protected_pages == 3
+    assert not cache.pins.unpin([1, 2, 3, 4])  # no pin was taken with that prefix
+    assert cache.pins.unpin([1, 2, 3, 4, 5, 6, 9])
+    assert cache.protected_pages == 0 and cache.evict(100) == 3
+
+
+def test_pins_share_pages_and_are_capped():
+    alloc = PageAllocator(16)
+    cache = RadixCache(2, alloc, max_pinned_pages=4)
+    cache_seq(cache, alloc, [1, 2, 3, 4, 5, 6])
+    cache_seq(cache, alloc, [1, 2, 3, 4, 8, 8])
+    cache_seq(cache, alloc, [9, 9, 9, 9])
+    assert cache.pins.pin([1, 2, 3, 4, 5, 6]).ok
+    assert cache.pins.pin([1, 2, 3, 4, 8, 8]).ok  # shares two pages: 4 distinct
+    assert cache.stats().pinned_pages == 4
+    refused = cache.pins.pin([9, 9, 9, 9])
+    assert not refused.ok and "cap" in refused.error and cache.stats().num_pins == 2
+    assert not cache.pins.pin([5, 5, 5]).ok  # not cached
+    assert not cache.pins.pin([1]).ok  # not a whole page
+
+
+def test_flush_drops_pins_unless_a_request_holds_a_lock():
+    cache, alloc = make(page_size=2)
+    cache_seq(cache, alloc, [1, 2, 3, 4])
+    cache_seq(cache, alloc, [5, 6])
+    cache.pins.pin([1, 2, 3, 4])
+    m = cache.match_prefix([5, 6, 7, 8])
+    cache.lock(m.node)
+    assert cache.flush() is False and len(cache.pins) == 1 and cache.stats().pinned_pages == 2  # restored
+    cache.unlock(m.node)
+    assert cache.flush() is True and len(cache.pins) == 0 and alloc.num_free == alloc.num_pages
+
+
+def test_pin_cap_leaves_room_for_the_longest_request():
+    assert pin_cap(100, 16, max_context=320) == 20  # a fifth of the pool
+    assert pin_cap(100, 16, max_context=1600) == 0  # a full-pool request would never fit beside a pin
+    assert pin_cap(100, 16, max_context=1280, max_pinned_tokens=1600) == 19  # 100 - 80 - 1
+    assert pin_cap(100, 16, max_context=320, max_pinned_tokens=64) == 4
+
+
 # -- stateful property test ----------------------------------------------------------------
 
 
@@ -236,9 +293,22 @@ class RadixMachine(RuleBasedStateMachine):
         self.ps = page_size
         self.convs = convs
         self.alloc = RecordingAllocator(NUM_PAGES)
-        self.cache = RadixCache(page_size, self.alloc)
+        self.cache = self.make_cache(page_size)
         self.ref: dict[str | None, dict[tuple[int, ...], int]] = {None: {}, "s": {}}
         self.reqs: list[SimReq] = []
+
+    def make_cache(self, page_size: int) -> RadixCache:
+        return RadixCache(page_size, self.alloc)
+
+    def expected_cached(self, tokens, salt) -> int:
+        """How many leading pages of tokens the cache should count as cached (any tier)."""
+        return len(self.expected(tokens, salt))
+
+    def load_back(self, tokens, salt) -> None:
+        """Before a request matches: bring its pages back from a lower tier (none here)."""
+
+    def computed(self, tokens, salt, start: int, own: list[int]) -> None:
+        """A request computed pages start.. of tokens into own (the model's part: nothing here)."""
 
     def expected(self, tokens, salt) -> list[int]:
         ref, pages = self.ref[salt], []
@@ -267,10 +337,12 @@ class RadixMachine(RuleBasedStateMachine):
             assert m.pages == self.expected(tuple(tokens), salt)
             assert m.num_tokens == len(m.pages) * self.ps
             # The hash index answers the same question without walking the tree.
-            assert self.cache.cached_pages(chain_hashes(tokens, self.ps, salt)) == len(m.pages)
+            hashes = chain_hashes(tokens, self.ps, salt)
+            assert self.cache.cached_pages(hashes) == self.expected_cached(tuple(tokens), salt)
             return
         tokens = tuple(tokens[: len(tokens) - len(tokens) % self.ps])
-        assert self.cache.cached_pages(chain_hashes(tokens, self.ps, salt)) == len(self.expected(tokens, salt))
+        assert self.cache.cached_pages(chain_hashes(tokens, self.ps, salt)) == self.expected_cached(tokens, salt)
+        self.load_back(tokens, salt)
         m = self.cache.match_prefix(tokens, salt)
         assert m.pages == self.expected(tokens, salt)
         self.cache.lock(m.node)
@@ -284,6 +356,7 @@ class RadixMachine(RuleBasedStateMachine):
             assert self.cache.evictable_pages == 0  # evict freed all it could
             self.cache.unlock(m.node)
             return
+        self.computed(tokens, salt, len(m.pages), own)
         self.reqs.append(SimReq(tokens, salt, m.node, m.pages, own))
 
     @precondition(lambda self: self.reqs)
@@ -361,3 +434,139 @@ RadixMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestRadixMachine = RadixMachine.TestCase
+
+
+# -- the same over two tiers -----------------------------------------------------------------
+
+NUM_SLOTS = 12  # fewer than the memory pool: the disk tier evicts too
+TINY_KV = SimpleNamespace(num_layers=1, num_kv_heads=1, head_dim=1, kv_bytes_per_token=lambda b: 2 * b)
+
+
+def kv_value(page_hash: bytes) -> float:
+    """The KV a page holds in this test: a number only its own prefix (and salt) gives."""
+    return float(int.from_bytes(page_hash[:3], "little"))
+
+
+class TwoTierMachine(RadixMachine):
+    """RadixMachine's rules over a TieredCache with a disk tier smaller than what is ever written,
+    plus the disk's own: writes landing, a restart, a corrupt slot. Before a request matches, its
+    pages on disk are loaded back. Every page's KV holds kv_value of its prefix's hash, so a page
+    that comes back from disk must hold exactly its own prefix's value: never another page's, never
+    a corrupt slot's. Invariants across both tiers: memory pages are conserved (free + held by
+    requests + cached), disk slots too (free + ready + pending) with no slot both free and used;
+    ready disk pages are prefix-closed; locks match the requests; cached_pages counts the union."""
+
+    def make_cache(self, page_size: int) -> TieredCache:
+        self.dir = tempfile.mkdtemp(prefix="radixrt-tiers-")
+        self.pool = KVPool(TINY_KV, NUM_PAGES, page_size, torch.float32)
+        return TieredCache(page_size, self.alloc, self.pool, self.open_tier())
+
+    def open_tier(self) -> DiskTier:
+        slot_bytes = 2 * self.ps * 4
+        return DiskTier(self.dir, NUM_SLOTS * slot_bytes, {"test": self.ps}, self.pool.page_shape, torch.float32)
+
+    def teardown(self):
+        self.cache.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def wait(self, done) -> None:
+        deadline = time.monotonic() + 10
+        while not done():
+            assert time.monotonic() < deadline, "disk I/O did not finish"
+            self.cache.poll()
+            time.sleep(0.0005)
+
+    def expected_cached(self, tokens, salt) -> int:
+        hashes, ref = chain_hashes(tokens, self.ps, salt), self.ref[salt]
+        n = 0
+        while n < len(hashes) and (tokens[: (n + 1) * self.ps] in ref or self.cache.tier.index.is_ready(hashes[n])):
+            n += 1
+        return n
+
+    def computed(self, tokens, salt, start, own):
+        hashes = chain_hashes(tokens, self.ps, salt)
+        for page, h in zip(own, hashes[start:]):
+            self.pool.k[0][page].fill_(kv_value(h))
+            self.pool.v[0][page].fill_(-kv_value(h))
+
+    def load_back(self, tokens, salt):
+        # Writes land in the index only when polled: polling only to the end keeps runs reproducible.
+        self.wait(lambda: not self.cache.io_pending)
+        hashes = chain_hashes(tokens, self.ps, salt)
+        expected = self.expected_cached(tokens, salt)
+        job = self.cache.start_load(tokens, salt, hashes, max_pages=NUM_PAGES)
+        if job is None:
+            return
+        self.wait(lambda: job.finished)
+        self.forget_freed()  # the load may have evicted memory pages for room
+        m = self.cache.match_prefix(tokens, salt, record=False)
+        assert len(m.pages) <= expected  # a corrupt page may have cut the run short
+        for j, page in enumerate(m.pages):
+            assert self.pool.k[0][page].eq(kv_value(hashes[j])).all(), "a page holds another prefix's KV"
+            assert self.pool.v[0][page].eq(-kv_value(hashes[j])).all()
+            assert self.ref[salt].setdefault(tokens[: (j + 1) * self.ps], page) == page
+        self.cache.release_load(job)
+
+    @rule()
+    def writes_land(self):
+        self.wait(lambda: not self.cache.io_pending)
+        assert all(e.ready for e in self.cache.tier.index.entries.values())
+
+    @rule()
+    def memory_forgets_everything_it_can(self):
+        """So that the next requests find their pages on disk only."""
+        self.wait(lambda: not self.cache.io_pending)
+        self.cache.evict(NUM_PAGES)
+        self.forget_freed()
+        assert self.cache.evictable_pages == 0
+
+    @rule(tokens=TOKENS, salt=SALTS)
+    def a_session_returns_after_eviction(self, tokens, salt):
+        """The tier's reason to be: memory lost the pages, the next request loads them back."""
+        self.memory_forgets_everything_it_can()
+        self.start_request(tokens, salt, "run")
+
+    @precondition(lambda self: not self.reqs)
+    @rule()
+    def restart(self):
+        """A new process: memory starts empty, the disk tier has every page that was on it."""
+        self.wait(lambda: not self.cache.io_pending)
+        on_disk = {h for h, e in self.cache.tier.index.entries.items() if e.ready}
+        self.cache.close()
+        self.alloc = RecordingAllocator(NUM_PAGES)
+        self.pool = KVPool(TINY_KV, NUM_PAGES, self.ps, torch.float32)
+        self.cache = TieredCache(self.ps, self.alloc, self.pool, self.open_tier())
+        self.ref = {None: {}, "s": {}}
+        assert set(self.cache.tier.index.entries) == on_disk
+
+    @rule(i=st.integers(0, 99))
+    def corrupt_a_slot(self, i):
+        self.wait(lambda: not self.cache.io_pending)
+        ready = sorted(h for h, e in self.cache.tier.index.entries.items() if e.ready)
+        if not ready:
+            return
+        entry = self.cache.tier.index.entries[ready[i % len(ready)]]
+        with open(self.cache.tier.path / "pages.bin", "r+b") as f:
+            f.seek(entry.slot * self.cache.tier.slot_bytes)
+            f.write(b"\xff" * 4)
+
+    @invariant()
+    def disk_slots_are_conserved_and_prefix_closed(self):
+        index = self.cache.tier.index
+        used = [e.slot for e in index.entries.values()]
+        assert len(set(used)) == len(used) and index.num_free + len(used) == NUM_SLOTS
+        assert not set(index._free) & set(used) and all(s < index._unused for s in index._free + used)
+        children: dict[bytes, int] = {}
+        for h, e in index.entries.items():
+            if e.parent is not None:
+                assert e.parent in index.entries and (index.entries[e.parent].ready or not e.ready)
+                children[e.parent] = children.get(e.parent, 0) + 1
+            assert e.readers == 0  # every load finished within its rule
+        assert all(e.children == children.get(h, 0) for h, e in index.entries.items())
+        assert index.num_ready == sum(e.ready for e in index.entries.values())
+
+
+TwoTierMachine.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+TestTwoTierMachine = TwoTierMachine.TestCase

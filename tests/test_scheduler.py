@@ -28,26 +28,33 @@ def req(rid: str, ids: list[int], age_s: float = 0.0) -> Req:
     return Req(rid, ids, SamplingParams(), arrival_time=time.monotonic() - age_s)
 
 
+def order(policy: str, cache: RadixCache, waiting: list[Req], timeout: float = 60) -> list[str]:
+    """The whole admission order of `waiting` (queued in list order) under `policy`."""
+    p = make_policy(policy, cache, starvation_timeout_s=timeout)
+    queue = p.new_queue()
+    for r in waiting:
+        queue.append(r)
+    return [r.rid for r in p.order(queue, time.monotonic(), limit=len(waiting))]
+
+
 def test_lpm_puts_longest_cached_prefix_first():
     shared = list(range(40))
     cache = cached_tree(shared)
     waiting = [req("none", [99] * 40), req("half", shared[:20] + [98] * 20), req("all", shared + [1])]
-    order = make_policy("lpm", cache, starvation_timeout_s=60).order(waiting, time.monotonic())
-    assert [r.rid for r in order] == ["all", "half", "none"]
+    assert order("lpm", cache, waiting) == ["all", "half", "none"]
 
 
 def test_starvation_guard_beats_policy_order():
     shared = list(range(40))
     cache = cached_tree(shared)
     waiting = [req("cached", shared + [1]), req("old-miss", [99] * 40, age_s=120)]
-    order = make_policy("lpm", cache, starvation_timeout_s=60).order(waiting, time.monotonic())
-    assert [r.rid for r in order] == ["old-miss", "cached"]
+    assert order("lpm", cache, waiting) == ["old-miss", "cached"]
 
 
 def test_fcfs_keeps_arrival_order():
     cache = cached_tree(list(range(40)))
     waiting = [req("a", [99] * 8), req("b", list(range(40)))]
-    assert [r.rid for r in make_policy("fcfs", cache, 60).order(waiting, time.monotonic())] == ["a", "b"]
+    assert order("fcfs", cache, waiting) == ["a", "b"]
 
 
 def test_dfs_weight_runs_the_heaviest_subtree_first_and_keeps_groups_together():
@@ -60,9 +67,9 @@ def test_dfs_weight_runs_the_heaviest_subtree_first_and_keeps_groups_together():
         req("a6", a + [6] * 8 + [9] * 4),
         req("b3", b + [9] * 8),
     ]
-    order = [r.rid for r in make_policy("dfs-weight", cache, 60).order(waiting, time.monotonic())]
-    assert order[:3] == ["b1", "b2", "b3"]  # 3 waiting under b beat 2 under a
-    assert set(order[3:]) == {"a5", "a6"}
+    ranked = order("dfs-weight", cache, waiting)
+    assert ranked[:3] == ["b1", "b2", "b3"]  # 3 waiting under b beat 2 under a
+    assert set(ranked[3:]) == {"a5", "a6"}
 
 
 def test_dfs_weight_runs_deeper_hits_before_requests_that_stop_at_their_ancestor():
@@ -71,8 +78,7 @@ def test_dfs_weight_runs_deeper_hits_before_requests_that_stop_at_their_ancestor
     system = [1] * 16
     cache = cached_tree(system + [5] * 8)
     waiting = [req("miss", system + [6] * 8), req("hit", system + [5] * 8 + [9] * 4)]
-    order = [r.rid for r in make_policy("dfs-weight", cache, 60).order(waiting, time.monotonic())]
-    assert order == ["hit", "miss"]
+    assert order("dfs-weight", cache, waiting) == ["hit", "miss"]
 
 
 @pytest.mark.parametrize("policy", ["lpm", "dfs-weight", "fcfs"])

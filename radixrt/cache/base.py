@@ -15,27 +15,57 @@ token ids start the same way; `NoPrefixCache` (here) keeps nothing, for
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from hashlib import blake2b
+from typing import Protocol
 
 from radixrt.cache.page_pool import PageAllocator
 
+PageHash = bytes  # a chain hash (see chain_hashes): 16 bytes naming a page-aligned prefix under a salt
+
 
 def chain_hashes(
-    token_ids: Sequence[int], page_size: int, salt: str | None = None, known: Sequence[int] = ()
-) -> list[int]:
+    token_ids: Sequence[int], page_size: int, salt: str | None = None, known: Sequence[PageHash] = ()
+) -> list[PageHash]:
     """One hash per whole page: hash i identifies token_ids[: (i + 1) * page_size] under `salt`.
 
-    Each hash folds in the previous one, so equal hashes mean equal prefixes (up to 64-bit
-    collisions, which only ever affect ranking, never which pages a request uses). `known`
-    (hashes computed earlier for a shorter version of the same sequence) is extended, not redone.
+    Each hash folds in the previous one, so equal hashes mean equal prefixes. They are 128-bit
+    blake2b digests, stable across processes: the disk tier keys pages by them, so a collision
+    would load the wrong KV, and a restarted server must compute the same ones. The salt enters
+    only hashed. `known` (hashes computed earlier for a shorter version of the same sequence) is
+    extended, not redone.
     """
     out = list(known)
-    h = out[-1] if out else hash(("radixrt", salt))
-    for i in range(len(out), len(token_ids) // page_size):
-        h = hash((h, tuple(token_ids[i * page_size : (i + 1) * page_size])))
+    h = out[-1] if out else _salt_seed(salt)
+    start, end = len(out), len(token_ids) // page_size
+    if end <= start:
+        return out
+    data = array("I", token_ids[start * page_size : end * page_size]).tobytes()
+    step = page_size * 4
+    for i in range(end - start):
+        h = blake2b(h + data[i * step : (i + 1) * step], digest_size=16).digest()
         out.append(h)
     return out
+
+
+def cached_run(page_hashes: Sequence[PageHash], present: Callable[[PageHash], bool]) -> int:
+    """How many leading page_hashes are present, for a prefix-closed set (every cached prefix's
+    own prefixes are cached too): a binary search, O(log n) lookups."""
+    lo, hi = 0, len(page_hashes)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if present(page_hashes[mid - 1]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _salt_seed(salt: str | None) -> PageHash:
+    tag = b"radixrt\0" if salt is None else b"radixrt\1" + salt.encode("utf-8", "surrogatepass")
+    return blake2b(tag, digest_size=16).digest()
 
 
 @dataclass
@@ -56,11 +86,34 @@ class CacheStats:
     hit_rate: float = 0.0  # hit_tokens / query_tokens
     evicted_tokens: int = 0
     num_nodes: int = 0
+    pinned_pages: int = 0  # distinct pages under pinned prefixes (see pins.py)
+    num_pins: int = 0
+    # The disk tier (tiered.py), all zero without one:
+    disk_pages: int = 0  # pages on disk, ready to load
+    disk_capacity_pages: int = 0
+    disk_hit_tokens: int = 0  # tokens loaded back from disk instead of recomputed
+    disk_written_pages: int = 0
+    disk_dropped_pages: int = 0  # not written: the write queue was full or the disk failed
+    disk_corrupt_pages: int = 0  # failed their checksum on load: skipped, dropped from the index
+    disk_pending_io: int = 0  # reads and writes in flight
+
+
+class CacheListener(Protocol):
+    """Told when page hashes start or stop being cached, so the waiting queue keeps its ranks
+    current without re-ranking (scheduler/waiting.py). Called after the change is visible
+    through `is_cached`."""
+
+    def on_cached(self, hashes: Sequence[PageHash]) -> None: ...
+
+    def on_uncached(self, hashes: Sequence[PageHash]) -> None: ...
+
+    def on_reset(self) -> None: ...
 
 
 class PrefixCache(ABC):
     page_size: int
     enabled: bool = True  # False: the engine skips work that only feeds a cache
+    pins = None  # a PinnedPrefixes where pinning is supported (the radix tree)
 
     @abstractmethod
     def match_prefix(self, token_ids: Sequence[int], salt: str | None = None, record: bool = True) -> MatchResult:
@@ -71,12 +124,34 @@ class PrefixCache(ABC):
         """
 
     @abstractmethod
-    def cached_pages(self, page_hashes: Sequence[int]) -> int:
+    def cached_pages(self, page_hashes: Sequence[PageHash]) -> int:
         """How many leading pages of a sequence are cached, given its `chain_hashes`.
 
         A side-effect-free peek in O(log n) set lookups, so the scheduler can rank thousands
         of waiting requests every step; admission still matches through the tree.
         """
+
+    def is_cached(self, page_hash: PageHash) -> bool:
+        """Is the prefix this chain hash names cached (in any tier)? Cached prefixes are prefix-closed."""
+        return False
+
+    def subscribe(self, listener: CacheListener) -> None:
+        """Tell `listener` about every change to the set of cached page hashes."""
+
+    def poll(self) -> None:
+        """Apply background work that finished (the disk tier's reads and writes); never blocks."""
+
+    @property
+    def io_pending(self) -> bool:
+        """Background work is in flight or not yet applied: keep stepping to poll() it."""
+        return False
+
+    def wait(self, timeout: float) -> None:
+        """Block until some background work finishes, or timeout: an idle step loop must not spin
+        (it would hold the GIL the I/O threads need)."""
+
+    def close(self) -> None:
+        """Finish background work and persist what should outlive the process."""
 
     @abstractmethod
     def dfs_order(self, sequences: Sequence[tuple[Sequence[int], str | None]]) -> list[int]:
@@ -90,7 +165,7 @@ class PrefixCache(ABC):
         token_ids: Sequence[int],
         pages: Sequence[int],
         salt: str | None = None,
-        page_hashes: Sequence[int] | None = None,
+        page_hashes: Sequence[PageHash] | None = None,
     ) -> int:
         """Cache token_ids (whole pages: len(token_ids) == len(pages) * page_size); return how
         many leading tokens were already cached. The cache takes ownership of
@@ -139,7 +214,7 @@ class NoPrefixCache(PrefixCache):
     def match_prefix(self, token_ids: Sequence[int], salt: str | None = None, record: bool = True) -> MatchResult:
         return MatchResult(node=self._ROOT, pages=[], num_tokens=0)
 
-    def cached_pages(self, page_hashes: Sequence[int]) -> int:
+    def cached_pages(self, page_hashes: Sequence[PageHash]) -> int:
         return 0
 
     def dfs_order(self, sequences: Sequence[tuple[Sequence[int], str | None]]) -> list[int]:

@@ -18,7 +18,7 @@ Nothing is reserved up front.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import torch
@@ -95,3 +95,28 @@ class KVPool:
 
     def flat_v(self, layer: int) -> torch.Tensor:
         return self.v[layer].view(-1, *self.v[layer].shape[2:])
+
+    @property
+    def page_shape(self) -> tuple[int, ...]:
+        """One page of every layer's K and V as `read_pages` returns it: [layers, 2 (K, V), page_size, heads, dim]."""
+        return (len(self.k), 2, *self.k[0].shape[1:])
+
+    def read_pages(self, pages: Sequence[int]) -> torch.Tensor:
+        """A copy of these pages' K and V, one contiguous [len(pages), *page_shape] tensor on the
+        CPU: page-major, so each page is one run of bytes (one slot of the disk tier). Gathered
+        layer-major into contiguous rows first, then transposed once: copying straight into the
+        strided page-major rows is many times slower on CPU."""
+        index = torch.tensor(list(pages), dtype=torch.long, device=self.k[0].device)
+        rows = torch.empty((len(self.k), 2, len(index), *self.k[0].shape[1:]), dtype=self.dtype, device=index.device)
+        for layer, (k, v) in enumerate(zip(self.k, self.v)):
+            torch.index_select(k, 0, index, out=rows[layer, 0])
+            torch.index_select(v, 0, index, out=rows[layer, 1])
+        return rows.permute(2, 0, 1, 3, 4, 5).contiguous().cpu()
+
+    def write_pages(self, pages: Sequence[int], data: torch.Tensor) -> None:
+        """Store `data` ([len(pages), *page_shape], as read_pages returns it) into these pages."""
+        index = torch.tensor(list(pages), dtype=torch.long, device=self.k[0].device)
+        rows = data.to(index.device).permute(1, 2, 0, 3, 4, 5).contiguous()  # layer-major, as in the pool
+        for layer, (k, v) in enumerate(zip(self.k, self.v)):
+            k.index_copy_(0, index, rows[layer, 0])
+            v.index_copy_(0, index, rows[layer, 1])

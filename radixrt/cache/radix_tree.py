@@ -14,18 +14,29 @@ A match that ends inside an edge splits it, so a match always ends at a node; th
 the handle the scheduler locks. A locked node and its ancestors are never evicted. Eviction
 removes unlocked leaves, least recently used first; a parent becomes a leaf (and a
 candidate) when its last child goes. Each cache_salt gets its own root, so requests only
-share with requests carrying the same salt; salt None is the shared default root.
+share with requests carrying the same salt; salt None is the shared default root. Pinned
+prefixes (pins.py) are locks that no request owns. Listeners hear of every page hash that
+enters or leaves the cache, so the waiting queue keeps its ranks without re-ranking.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import defaultdict
 from collections.abc import Sequence
 
-from radixrt.cache.base import CacheStats, MatchResult, PrefixCache, chain_hashes
+from radixrt.cache.base import (
+    CacheListener,
+    CacheStats,
+    MatchResult,
+    PageHash,
+    PrefixCache,
+    cached_run,
+    chain_hashes,
+)
+from radixrt.cache.dfs_weight import dfs_weight_order
 from radixrt.cache.page_pool import PageAllocator
+from radixrt.cache.pins import PINNED_SHARE, PinnedPrefixes
 
 
 class _Node:
@@ -52,7 +63,7 @@ class _Root(_Node):
 
 
 class RadixCache(PrefixCache):
-    def __init__(self, page_size: int, allocator: PageAllocator) -> None:
+    def __init__(self, page_size: int, allocator: PageAllocator, max_pinned_pages: int | None = None) -> None:
         if page_size <= 0:
             raise ValueError(f"page_size must be positive (got {page_size})")
         self.page_size = page_size
@@ -71,7 +82,11 @@ class RadixCache(PrefixCache):
         self._evicted_tokens = 0
         # Chain hashes of every cached page prefix: answers "how much of this is cached?" in
         # O(log n) set lookups without walking the tree (see cached_pages).
-        self._hash_index: set[int] = set()
+        self._hash_index: set[PageHash] = set()
+        self._listeners: list[CacheListener] = []
+        if max_pinned_pages is None:
+            max_pinned_pages = int(allocator.num_pages * PINNED_SHARE)
+        self.pins = PinnedPrefixes(self, max_pinned_pages)
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -89,50 +104,33 @@ class RadixCache(PrefixCache):
             self._hit_tokens += num_tokens
         return MatchResult(node=node, pages=pages, num_tokens=num_tokens)
 
-    def cached_pages(self, page_hashes: Sequence[int]) -> int:
-        # Cached prefixes are prefix-closed (only leaves are evicted), so binary search works.
-        lo, hi = 0, len(page_hashes)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if page_hashes[mid - 1] in self._hash_index:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+    def cached_pages(self, page_hashes: Sequence[PageHash]) -> int:
+        return cached_run(page_hashes, self.is_cached)  # prefix-closed: only leaves are evicted
+
+    def is_cached(self, page_hash: PageHash) -> bool:
+        return page_hash in self._hash_index
+
+    def subscribe(self, listener: CacheListener) -> None:
+        self._listeners.append(listener)
+
+    def _added(self, hashes: Sequence[PageHash]) -> None:
+        """These hashes just entered the tree (a tiered cache tells listeners only of real news)."""
+        for listener in self._listeners:
+            listener.on_cached(hashes)
+
+    def _removed(self, hashes: Sequence[PageHash]) -> None:
+        for listener in self._listeners:
+            listener.on_uncached(hashes)
 
     def dfs_order(self, sequences: Sequence[tuple[Sequence[int], str | None]]) -> list[int]:
-        """Post-order, heaviest child first: the sequences matched deeper in a node's subtree go
-        before the ones whose match stops at the node, as in SGLang (a miss that runs first evicts
-        the pages the deeper hits were about to use: bench/prefix_reuse.py's tight-KV run)."""
-        at_node: dict[_Node, list[int]] = defaultdict(list)
-        for i, (token_ids, salt) in enumerate(sequences):
-            at_node[self.match_prefix(token_ids, salt, record=False).node].append(i)
-        weight: dict[_Node, int] = defaultdict(int)
-        roots: dict[_Node, None] = {}  # a dict, not a set: ties keep a reproducible order
-        for node, indices in at_node.items():
-            while node is not None:  # every ancestor carries the sequences below it
-                weight[node] += len(indices)
-                if node.parent is None:
-                    roots[node] = None
-                node = node.parent
-        ordered: list[int] = []
-        stack = [(node, False) for node in sorted(roots, key=weight.__getitem__)]
-        while stack:  # a node's subtree, heaviest child first, then its own sequences
-            node, children_done = stack.pop()
-            if children_done:
-                ordered.extend(at_node.get(node, ()))
-                continue
-            stack.append((node, True))
-            children = [c for c in node.children.values() if c in weight]
-            stack.extend((c, False) for c in sorted(children, key=weight.__getitem__))  # heaviest popped first
-        return ordered
+        return dfs_weight_order(self, sequences)
 
     def insert(
         self,
         token_ids: Sequence[int],
         pages: Sequence[int],
         salt: str | None = None,
-        page_hashes: Sequence[int] | None = None,
+        page_hashes: Sequence[PageHash] | None = None,
     ) -> int:
         """Cache token_ids with their pages; return how many leading tokens were cached before.
 
@@ -161,6 +159,7 @@ class RadixCache(PrefixCache):
             self._evictable += len(leaf.pages)
             self._num_nodes += 1
             self._push(leaf)
+            self._added(hashes)
         return already
 
     def _whole_pages(self, token_ids: Sequence[int]) -> tuple[int, ...]:
@@ -257,6 +256,7 @@ class RadixCache(PrefixCache):
 
     def evict(self, num_pages: int) -> int:
         freed: list[int] = []
+        gone: list[PageHash] = []
         while len(freed) < num_pages and self._heap:
             access, _, node = heapq.heappop(self._heap)
             if node.parent is None or node.children or node.lock_ref:
@@ -268,6 +268,7 @@ class RadixCache(PrefixCache):
             del parent.children[node.key[: self.page_size]]
             node.parent = None
             freed += node.pages
+            gone += node.hashes
             self._hash_index.difference_update(node.hashes)
             self._evictable -= len(node.pages)
             self._num_nodes -= 1
@@ -280,6 +281,8 @@ class RadixCache(PrefixCache):
                 self._push(parent)
         self.allocator.free(freed)
         self._evicted_tokens += len(freed) * self.page_size
+        if gone:
+            self._removed(gone)
         return len(freed)
 
     def _push(self, node: _Node) -> None:
@@ -301,8 +304,10 @@ class RadixCache(PrefixCache):
         return out
 
     def flush(self) -> bool:
-        """Drop every cached page if nothing is locked. Hit statistics are kept."""
+        """Drop every cached page, pins included, unless a request holds a lock. Hit statistics are kept."""
+        pins = self.pins.release_all()
         if self._protected:
+            self.pins.restore(pins)
             return False
         nodes = self._nodes()
         self.allocator.free([p for n in nodes for p in n.pages])
@@ -312,6 +317,8 @@ class RadixCache(PrefixCache):
         self._heap.clear()
         self._hash_index.clear()
         self._evictable = self._num_nodes = 0
+        for listener in self._listeners:
+            listener.on_reset()
         return True
 
     # -- accounting --------------------------------------------------------------------------
@@ -337,4 +344,6 @@ class RadixCache(PrefixCache):
             hit_rate=self._hit_tokens / self._query_tokens if self._query_tokens else 0.0,
             evicted_tokens=self._evicted_tokens,
             num_nodes=self._num_nodes,
+            pinned_pages=self.pins.pinned_pages,
+            num_pins=len(self.pins),
         )

@@ -1,8 +1,10 @@
 """Orders the waiting queue each step: FCFS, longest prefix match, or DFS weight.
 
-Every policy puts starving requests (waiting longer than the timeout) first, oldest first,
-so a request with no cache hits still runs eventually. Policies only ask the prefix cache
-questions (`cached_pages`, `dfs_order`); they never walk its tree.
+Every policy puts starving requests (waiting longer than the timeout) first, in queue order,
+so a request with no cache hits still runs eventually. A step only looks at the first `limit`
+requests of the order (the scheduler admits a few per step), and the waiting queue
+(waiting.py) produces those without touching the rest: its cached lengths are kept current by
+the cache's news, so lpm costs O(limit log n) per step, not a re-rank of the whole queue.
 """
 
 from __future__ import annotations
@@ -11,57 +13,60 @@ from abc import ABC, abstractmethod
 
 from radixrt.cache.base import PrefixCache
 from radixrt.request import Req
+from radixrt.scheduler.waiting import WaitingQueue
 
 
 class Policy(ABC):
     name: str
+    ranks_by_cache = False  # the waiting queue must track each request's cached length
 
     def __init__(self, cache: PrefixCache, starvation_timeout_s: float) -> None:
         self.cache = cache
         self.starvation_timeout_s = starvation_timeout_s
 
-    def order(self, waiting: list[Req], now: float) -> list[Req]:
-        starving = [r for r in waiting if now - r.arrival_time > self.starvation_timeout_s]
-        if not starving:
-            return self.rank(waiting)
-        rest = [r for r in waiting if now - r.arrival_time <= self.starvation_timeout_s]
-        return starving + self.rank(rest)
+    def new_queue(self) -> WaitingQueue:
+        return WaitingQueue(self.cache, self.ranks_by_cache)
+
+    def order(self, queue: WaitingQueue, now: float, limit: int) -> list[Req]:
+        """The first `limit` waiting requests in the order to admit them."""
+        first = queue.starving(now - self.starvation_timeout_s, limit)
+        return first + self.rank(queue, limit - len(first)) if len(first) < limit else first
 
     @abstractmethod
-    def rank(self, waiting: list[Req]) -> list[Req]:
-        """The policy's own order of the (non-starving) waiting requests."""
+    def rank(self, queue: WaitingQueue, limit: int) -> list[Req]:
+        """The policy's own order of the first `limit` requests that are not starving."""
 
 
 class FCFS(Policy):
-    """Arrival order (preempted requests are re-queued at the head)."""
+    """Queue order: arrival order, with preempted requests re-queued at the head."""
 
     name = "fcfs"
 
-    def rank(self, waiting: list[Req]) -> list[Req]:
-        return waiting
+    def rank(self, queue: WaitingQueue, limit: int) -> list[Req]:
+        return queue.ranked(limit)
 
 
 class LongestPrefixMatch(Policy):
-    """Requests with the longest cached prefix first: they cost the least to start."""
+    """Requests with the longest cached prefix (memory and disk tiers) first: they cost the least to start."""
 
     name = "lpm"
+    ranks_by_cache = True
 
-    def rank(self, waiting: list[Req]) -> list[Req]:
-        # Hash lookups, not tree walks: O(log pages) per request, cheap at thousands waiting.
-        ps = self.cache.page_size
-        lengths = {id(r): self.cache.cached_pages(r.page_hashes(ps)) for r in waiting}
-        return sorted(waiting, key=lambda r: -lengths[id(r)])
+    def rank(self, queue: WaitingQueue, limit: int) -> list[Req]:
+        return queue.ranked(limit)
 
 
 class DFSWeight(Policy):
     """SGLang's DFS weight: requests that share a cached subtree run back to back, the subtree
-    most requests share first, so that subtree stays hot while they use it."""
+    most requests share first, so that subtree stays hot while they use it. A walk of the
+    whole queue through the memory tree each step."""
 
     name = "dfs-weight"
 
-    def rank(self, waiting: list[Req]) -> list[Req]:
+    def rank(self, queue: WaitingQueue, limit: int) -> list[Req]:
+        waiting = queue.fresh()
         order = self.cache.dfs_order([(r.token_ids, r.params.cache_salt) for r in waiting])
-        return [waiting[i] for i in order]
+        return [waiting[i] for i in order[:limit]]
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LongestPrefixMatch, DFSWeight, FCFS)}

@@ -5,23 +5,28 @@ then prefill chunks (continuing ones first, then new admissions in policy order)
 the chunked-prefill token budget. Pages come from the allocator, evicting unlocked
 prefix-cache leaves when short; when decode still runs out, the newest running request
 is preempted: its KV goes to the prefix cache (or back to the free list), it returns to
-the head of the queue and is recomputed later. Memory pressure never fails a request.
+the head of the queue and is recomputed later. Memory pressure never fails a request. Over a
+disk tier, a waiting request's pages on disk are loaded back before it is admitted (prefetch.py).
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from radixrt.cache.base import PrefixCache
 from radixrt.cache.page_pool import PageAllocator
+from radixrt.cache.tiered import TieredCache
 from radixrt.request import Req, ReqStatus
 from radixrt.scheduler.policy import make_policy
+from radixrt.scheduler.prefetch import Prefetcher
 
 # A waiting request that would compute this many tokens a running prefill is computing
 # right now waits instead (SGLang uses the same 32-token threshold).
 IN_BATCH_SHARE_TOKENS = 32
+# Waiting requests looked at per step: admission takes a few per step, so the order of the
+# rest does not matter yet (and costs nothing: see waiting.py).
+ADMIT_CANDIDATES = 256
 
 
 @dataclass
@@ -49,7 +54,8 @@ class Scheduler:
         self.chunked_prefill_size = chunked_prefill_size
         self.max_running_requests = max_running_requests
         self.policy = make_policy(policy, cache, starvation_timeout_s)
-        self.waiting: deque[Req] = deque()
+        self.waiting = self.policy.new_queue()
+        self.prefetch = Prefetcher(cache, allocator) if isinstance(cache, TieredCache) else None
         self.running: list[Req] = []
         self.num_preemptions = 0
 
@@ -59,7 +65,7 @@ class Scheduler:
         self.waiting.append(req)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running) or self.cache.io_pending
 
     def remove(self, req: Req) -> None:
         """Take a request out (finish or abort), caching its KV and freeing its pages."""
@@ -68,11 +74,14 @@ class Scheduler:
             self.release(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+            if self.prefetch is not None:
+                self.prefetch.release(req)
         req.status = ReqStatus.FINISHED
 
     # ----- one step ----------------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch | None:
+        self.cache.poll()
         decode, num_new = [], []
         for req in list(self.running):
             if req.is_prefilling or req not in self.running:
@@ -98,9 +107,14 @@ class Scheduler:
         if not self.waiting or budget <= 0 or len(self.running) >= self.max_running_requests:
             return budget
         in_flight = self._in_flight_pages()
-        for req in self.policy.order(list(self.waiting), now=time.monotonic()):
+        candidates = self.policy.order(self.waiting, time.monotonic(), ADMIT_CANDIDATES)
+        if self.prefetch is not None:
+            self.prefetch.ahead(candidates, _cacheable_len, headroom=len(self.running))
+        for req in candidates:
             if budget <= 0 or len(self.running) >= self.max_running_requests:
                 break
+            if self.prefetch is not None and self.prefetch.loading(req, _cacheable_len(req), len(self.running)):
+                continue  # its pages are on their way from disk
             if self._shares_in_flight(req, in_flight):
                 continue  # next step it finds those pages cached instead of computing them again
             self._attach_prefix(req)
@@ -109,6 +123,8 @@ class Scheduler:
                 self._detach(req)
                 break  # out of pages: keep the order, try again next step
             self.waiting.remove(req)
+            if self.prefetch is not None:
+                self.prefetch.release(req)
             self.running.append(req)
             req.status = ReqStatus.RUNNING
             prefill.append(req)

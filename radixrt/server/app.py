@@ -18,7 +18,7 @@ from radixrt import __version__
 from radixrt.config import EngineConfig
 from radixrt.frontend.errors import RequestError
 from radixrt.frontend.tokenizer_manager import TokenizerManager
-from radixrt.server import native, openai_chat, openai_completions
+from radixrt.server import cache_routes, native, openai_chat, openai_completions
 from radixrt.server.common import ClientDisconnected, ServerSettings, ServerState, error_response, state
 from radixrt.server.metrics import ServerMetrics
 
@@ -87,6 +87,8 @@ def build_app(
     app.include_router(openai_chat.router, dependencies=[Depends(require_api_key)])
     app.include_router(openai_completions.router, dependencies=[Depends(require_api_key)])
     app.include_router(native.router, dependencies=[Depends(require_api_key)])
+    app.include_router(cache_routes.router, dependencies=[Depends(require_api_key)])
+    app.add_middleware(cache_routes.RefreshCacheMetrics)
     return app
 
 

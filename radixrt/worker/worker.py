@@ -16,12 +16,12 @@ import time
 import torch
 
 from radixrt import ipc
-from radixrt.cache.base import NoPrefixCache
 from radixrt.cache.page_pool import PageAllocator
-from radixrt.cache.radix_tree import RadixCache
+from radixrt.cache.pins import pin_cap
+from radixrt.cache.tiered import make_prefix_cache
 from radixrt.config import EngineConfig
 from radixrt.constrained.limits import GrammarLimits
-from radixrt.model.loader import load_tokenizer, resolve_model_path
+from radixrt.model.loader import default_cache_dir, load_tokenizer, resolve_model_path
 from radixrt.request import Req, prompt_error
 from radixrt.runner.model_runner import ModelRunner
 from radixrt.sampling import SamplingBatch, sample
@@ -42,12 +42,16 @@ class Worker:
         self.model_config = self.runner.model_config
         num_pages = self.runner.pool.num_pages
         self.allocator = PageAllocator(num_pages)
-        cache_cls = NoPrefixCache if config.disable_radix_cache else RadixCache
-        self.cache = cache_cls(config.page_size, self.allocator)
         model_max = min(config.max_context_len or self.model_config.max_position_embeddings,
                         self.model_config.max_position_embeddings)  # fmt: skip
         # A request that alone outgrows the pool could never finish: cap the context at the pool size.
         self.max_context = min(model_max, num_pages * config.page_size)
+        disk_dir = config.kv_disk_dir or (str(default_cache_dir() / "kv") if config.enable_hierarchical_cache else None)
+        self.cache = make_prefix_cache(
+            config.page_size, self.allocator, self.runner.pool, enabled=not config.disable_radix_cache,
+            max_pinned_pages=pin_cap(num_pages, config.page_size, self.max_context, config.max_pinned_tokens),
+            disk_dir=disk_dir, disk_bytes=int(config.kv_disk_gb * 2**30), model_dir=str(self.model_dir),
+        )  # fmt: skip
         self.scheduler = Scheduler(
             self.allocator,
             self.cache,
@@ -82,6 +86,8 @@ class Worker:
             return ipc.FlushCacheResult(ok=self.flush_cache())
         elif isinstance(msg, ipc.StatsReq):
             return self.stats()
+        elif isinstance(msg, (ipc.PinPrefixReq, ipc.UnpinPrefixReq)):
+            return self.pin(msg)
         return None
 
     def add_request(self, msg: ipc.GenerateReq) -> None:
@@ -111,9 +117,23 @@ class Worker:
     def flush_cache(self) -> bool:
         return self.cache.flush()
 
+    def pin(self, msg: ipc.PinPrefixReq | ipc.UnpinPrefixReq) -> ipc.PinResult:
+        """Pin or unpin a cached prefix (cache/pins.py)."""
+        pins, ps = self.cache.pins, self.config.page_size
+        if pins is None:
+            return ipc.PinResult(False, error="pinning needs the radix cache (it is disabled)")
+        if isinstance(msg, ipc.PinPrefixReq):
+            result = pins.pin(msg.input_ids, msg.cache_salt)
+            ok, tokens, error = result.ok, result.pinned_tokens, result.error
+        else:
+            ok, tokens = pins.unpin(msg.input_ids, msg.cache_salt), 0
+            error = None if ok else "no pin was taken with this prefix and salt"
+        return ipc.PinResult(ok, tokens, pins.pinned_pages * ps, pins.max_pages * ps, error)
+
     def close(self) -> None:
-        """Stop the background work (grammar compiler processes)."""
+        """Stop the background work (grammar compiler processes, the disk tier's I/O, which is saved)."""
         self.grammars.close()
+        self.cache.close()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._pending) or bool(self.grammars.compiling)
@@ -129,6 +149,7 @@ class Worker:
         scheduled = self.scheduler.schedule()
         if scheduled is None:
             self.grammars.wait(timeout=0.01)
+            self.cache.wait(timeout=0.01)  # a prefix on its way from disk
             return outputs
         step = self.runner.build(scheduled.reqs, scheduled.num_new)
         logits = self.runner.run(step)
@@ -260,4 +281,14 @@ class Worker:
             generated_tokens=self.totals["generated"],
             cached_tokens=self.totals["cached"],
             num_finished=self.totals["finished"],
+            pinned_pages=c.pinned_pages,
+            num_pins=c.num_pins,
+            max_pinned_pages=self.cache.pins.max_pages if self.cache.pins is not None else 0,
+            disk_pages=c.disk_pages,
+            disk_capacity_pages=c.disk_capacity_pages,
+            disk_hit_tokens=c.disk_hit_tokens,
+            disk_written_pages=c.disk_written_pages,
+            disk_dropped_pages=c.disk_dropped_pages,
+            disk_corrupt_pages=c.disk_corrupt_pages,
+            disk_pending_io=c.disk_pending_io,
         )
