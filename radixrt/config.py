@@ -11,6 +11,8 @@ from radixrt.constrained import DEFAULT_BACKEND as DEFAULT_GRAMMAR_BACKEND
 from radixrt.runner.dtype import DTYPE_CHOICES
 from radixrt.scheduler.policy import POLICIES
 
+ALIASES = {"tp": "tp_size", "tensor_parallel_size": "tp_size"}  # keyword -> field, as the CLI flags spell it
+
 
 @dataclass
 class EngineConfig:
@@ -35,6 +37,7 @@ class EngineConfig:
     grammar_compile_timeout_s: float = 10.0  # a grammar still compiling after this fails its request (408)
     enable_jump_forward: bool = True  # append grammar-forced text in one chunk (see docs/constrained.md)
     num_threads: int | None = None  # torch intra-op threads in the worker; None: torch's default
+    tp_size: int = 1  # tensor-parallel ranks, one process each, threads split between them (docs/scaling.md)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -56,6 +59,10 @@ class EngineConfig:
             raise ValueError(f"max_running_requests must be >= 1 (got {self.max_running_requests})")
         if self.chunked_prefill_size < self.page_size:
             raise ValueError(f"chunked_prefill_size must be >= page_size (got {self.chunked_prefill_size})")
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1 (got {self.tp_size})")
+        if self.tp_size > 1 and (self.kv_disk_dir or self.enable_hierarchical_cache):
+            raise ValueError("the KV disk tier does not work with tp_size > 1 yet (each rank holds part of every page)")
         for name, value, choices in (
             ("schedule_policy", self.schedule_policy, POLICIES),
             ("attention_backend", self.attention_backend, ATTENTION_BACKENDS),
@@ -66,7 +73,8 @@ class EngineConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
-        """Build from keyword arguments, naming any unknown one."""
+        """Build from keyword arguments, naming any unknown one; SGLang's and vLLM's names for tp_size work too."""
+        kwargs = {ALIASES.get(key, key): value for key, value in kwargs.items()}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:

@@ -97,6 +97,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="decode grammar-forced text token by token (default: append it and compute it in one step)",
     )
     g.add_argument("--num-threads", type=int, default=None, help="torch threads in the worker (default: torch's)")
+    g.add_argument(
+        "--tp",
+        "--tp-size",
+        "--tensor-parallel-size",
+        dest="tp_size",
+        type=int,
+        default=d.tp_size,
+        help="tensor-parallel ranks, one process each; --num-threads is split between them (default: %(default)s)",
+    )
     g.add_argument("--seed", type=int, default=d.seed, help="global random seed (default: %(default)s)")
 
 

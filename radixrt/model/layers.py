@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from radixrt.model.parallel import TensorParallel
+
 
 class RMSNorm(nn.Module):
     """Normalizes in float32, then scales the way each family's transformers code does.
@@ -32,16 +34,19 @@ class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)), with gate and up fused into one matmul (SwiGLU, Gemma's GeGLU).
 
     `act` is a transformers activation name (ACT2FN): "silu", "gelu_pytorch_tanh", ...
+    Under tensor parallelism `intermediate` is this rank's share and down's partial sums are all-reduced.
     """
 
-    def __init__(self, hidden: int, intermediate: int, act: str) -> None:
+    def __init__(self, hidden: int, intermediate: int, act: str, tp: TensorParallel | None = None) -> None:
         super().__init__()
         from transformers.activations import ACT2FN
 
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.act = ACT2FN[act]
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        out = self.down_proj(self.act(gate) * up)
+        return out if self.tp is None else self.tp.all_reduce(out)

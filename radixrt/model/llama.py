@@ -16,7 +16,8 @@ they differ, a small switch of `ModelConfig` says how:
 The step's tokens from every request are flattened into one [T, hidden] matrix, so prefill chunks
 and decode tokens share every matmul; only attention looks at request boundaries (through the
 backend). q/k/v and gate/up projections are fused (at load time, unless the checkpoint has them
-fused already, as Phi-3 does).
+fused already, as Phi-3 does). Given a `TensorParallel`, each module holds its rank's slice and the
+forward adds the collectives (`model/parallel.py` draws the split); without one, nothing changes.
 """
 
 from __future__ import annotations
@@ -30,16 +31,18 @@ from radixrt.attention.base import AttentionBackend, ForwardBatch, LayerAttentio
 from radixrt.cache.page_pool import KVPool
 from radixrt.model.config import ModelConfig
 from radixrt.model.layers import GatedMLP, RMSNorm
+from radixrt.model.parallel import ShardLayout, TensorParallel
 from radixrt.model.rope import RotaryEmbedding, apply_rotary
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's tokens
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, shard: ShardLayout, tp: TensorParallel | None) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.tp = tp
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.num_heads, shard.num_kv_heads, config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
@@ -64,17 +67,18 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = backend.forward(self.layer_id, q, k, v, batch, pool, self.params)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        out = self.o_proj(out.reshape(-1, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, shard: ShardLayout, tp: TensorParallel | None) -> None:
         super().__init__()
         hidden, eps, offset = config.hidden_size, config.rms_norm_eps, config.norm_unit_offset
         self.input_layernorm = RMSNorm(hidden, eps, offset)
-        self.self_attn = Attention(config, layer_id)
+        self.self_attn = Attention(config, layer_id, shard, tp)
         self.post_attention_layernorm = RMSNorm(hidden, eps, offset)
-        self.mlp = GatedMLP(hidden, config.intermediate_size, config.hidden_act)
+        self.mlp = GatedMLP(hidden, shard.intermediate_size, config.hidden_act, tp)
         self.sandwich_norms = config.sandwich_norms
         if self.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(hidden, eps, offset)
@@ -91,63 +95,73 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Parameter names follow Hugging Face's, with q/k/v fused into `qkv_proj` and gate/up into `gate_up_proj`."""
+    """Parameter names follow Hugging Face's, with q/k/v fused into `qkv_proj` and gate/up into `gate_up_proj`.
 
-    def __init__(self, config: ModelConfig) -> None:
+    `tp`: this process's rank of a tensor-parallel group; `shard` says which slice of each weight it
+    holds (and is its KV pool's layout). The forward returns the logits on rank 0, None on the others.
+    """
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.tp = tp
+        self.shard = shard = ShardLayout.of(config, tp.rank, tp.size) if tp else ShardLayout.of(config)
+        self.embed_tokens = nn.Embedding(shard.vocab_rows, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, shard, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, shard.vocab_rows, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = nn.ModuleDict({kind: RotaryEmbedding(config, kind) for kind in dict.fromkeys(config.layer_types)})
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, pool: KVPool, backend: AttentionBackend) -> torch.Tensor:
-        """Run one step; return float32 logits of the rows in batch.logits_indices."""
+    def forward(self, batch: ForwardBatch, pool: KVPool, backend: AttentionBackend) -> torch.Tensor | None:
+        """Run one step; return float32 logits of the rows in batch.logits_indices (None on ranks > 0)."""
         backend.prepare(batch, pool)
-        x = self.embed_tokens(batch.input_ids)
+        if self.tp is None:
+            x = self.embed_tokens(batch.input_ids)
+        else:
+            x = self.tp.embed(self.embed_tokens, batch.input_ids, self.shard.first_vocab_row)
         if self.config.embed_scale != 1.0:  # rounded to the weights' dtype first, as transformers does
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         rope = {kind: rotary(batch) for kind, rotary in self.rotary.items()}
         for layer, kind in zip(self.layers, self.config.layer_types):
             x = layer(x, rope[kind], batch, pool, backend)
         x = self.norm(x[batch.logits_indices])
-        logits = self.lm_head(x).float()
+        logits = self.lm_head(x)
+        if self.tp is not None:
+            logits = self.tp.gather_logits(logits, self.config.vocab_size)
+            if logits is None:  # ranks > 0: rank 0 samples
+                return None
+        logits = logits.float()
         if cap := self.config.final_logit_softcap:
             logits = cap * torch.tanh(logits / cap)
         return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up as they arrive."""
+        """Copy Hugging Face-named tensors in (this rank's slice of each), fusing q/k/v and gate/up as they arrive."""
         params = dict(self.named_parameters())
         fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                  "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}  # fmt: skip
         loaded: set[str] = set()
-        for hf_name, tensor in weights:
+        for hf_name, checkpoint_tensor in weights:
             name = hf_name.removeprefix("model.")
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
-            parts = name.split(".")
-            if len(parts) >= 2 and parts[-2] in fused:
-                target, shard = fused[parts[-2]]
-                name = ".".join(parts[:-2] + [target, parts[-1]])
-                dest = params[name].data
-                dest.narrow(0, self._shard_offset(target, shard), tensor.shape[0]).copy_(tensor)
-            elif name in params:  # also checkpoints with qkv_proj / gate_up_proj already fused (Phi-3)
-                params[name].data.copy_(tensor)
-            else:
-                raise ValueError(f"unexpected weight {hf_name!r} in checkpoint")
-            loaded.add(name)
+            # Checkpoints with qkv_proj / gate_up_proj fused already (Phi-3) come apart into their parts here.
+            for name, tensor in self.shard.unfuse(name, checkpoint_tensor):
+                tensor = self.shard.rank_slice(name, tensor)
+                parts = name.split(".")
+                if len(parts) >= 2 and parts[-2] in fused:
+                    target, part = fused[parts[-2]]
+                    name = ".".join(parts[:-2] + [target, parts[-1]])
+                    dest = params[name].data
+                    dest.narrow(0, self.shard.fused_offset(target, part), tensor.shape[0]).copy_(tensor)
+                elif name in params:
+                    params[name].data.copy_(tensor)
+                else:
+                    raise ValueError(f"unexpected weight {hf_name!r} in checkpoint")
+                loaded.add(name)
         missing = set(params) - loaded
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
-
-    def _shard_offset(self, target: str, shard: int) -> int:
-        """Row offset of a q/k/v or gate/up shard inside its fused weight (or bias)."""
-        if target == "gate_up_proj":
-            return shard * self.config.intermediate_size
-        c = self.config
-        return [0, c.num_heads * c.head_dim, (c.num_heads + c.num_kv_heads) * c.head_dim][shard]

@@ -3,7 +3,9 @@
 The worker decides (which requests, which pages, which tokens); the runner computes. A step
 goes `StepBatch.build(...)` -> `run(step)` -> logits of the rows to sample, with the prompt
 log-probs of requests that asked for them recorded on the way. `forward(batch)` is the bare
-compute on a `ForwardBatch` of plain tensors: all a tensor-parallel rank other than 0 needs.
+compute on a `ForwardBatch` of plain tensors: all a tensor-parallel rank other than 0 needs
+(runner/tensor_parallel.py; given a `TensorParallel`, the runner holds its rank's slice of the
+weights and a KV pool for its heads).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from radixrt.cache.page_pool import KVPool
 from radixrt.config import EngineConfig
 from radixrt.model.llama import LlamaForCausalLM
 from radixrt.model.loader import iter_weights, read_model_config
+from radixrt.model.parallel import TensorParallel
 from radixrt.runner.dtype import resolve_dtype
 from radixrt.runner.step_batch import PromptRows, StepBatch
 from radixrt.sampling import prompt_logprobs
@@ -26,11 +29,13 @@ from radixrt.sampling import prompt_logprobs
 log = logging.getLogger(__name__)
 
 
-def load_model(model_dir: str | os.PathLike, dtype: torch.dtype, device: str = "cpu") -> LlamaForCausalLM:
-    """Build our model for the checkpoint folder and copy its weights in."""
+def load_model(
+    model_dir: str | os.PathLike, dtype: torch.dtype, device: str = "cpu", tp: TensorParallel | None = None
+) -> LlamaForCausalLM:
+    """Build our model for the checkpoint folder (this rank's slice of it) and copy its weights in."""
     model_config = read_model_config(model_dir)
     with torch.device(device):
-        model = LlamaForCausalLM(model_config)
+        model = LlamaForCausalLM(model_config, tp)
     model.load_weights(iter_weights(model_dir, dtype, device))
     model.to(dtype)
     model.rotary.float()  # rotary tables stay float32: bf16 angles lose precision at long positions
@@ -38,26 +43,26 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype, device: str = "
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: str | os.PathLike) -> None:
+    def __init__(self, config: EngineConfig, model_dir: str | os.PathLike, tp: TensorParallel | None = None) -> None:
         self.device = config.device
         self.page_size = config.page_size
         from_gguf = config.model is None or str(config.model).endswith(".gguf")
         self.dtype = resolve_dtype(config.dtype, model_dir, from_gguf, config.device)
-        self.model = load_model(model_dir, self.dtype, config.device)
+        self.model = load_model(model_dir, self.dtype, config.device, tp)
         self.model_config = self.model.config
-        num_pages = KVPool.pages_for_budget(
-            self.model_config, int(config.kv_memory_gb * 2**30), config.page_size, self.dtype
-        )
+        kv_layout = self.model.shard  # this rank's KV heads (all of them without tensor parallelism)
+        num_pages = KVPool.pages_for_budget(kv_layout, int(config.kv_memory_gb * 2**30), config.page_size, self.dtype)
         if config.max_total_tokens is not None:
             num_pages = min(num_pages, config.max_total_tokens // config.page_size)
-        self.pool = KVPool(self.model_config, num_pages, config.page_size, self.dtype, config.device)
+        self.pool = KVPool(kv_layout, num_pages, config.page_size, self.dtype, config.device)
         self.backend = make_attention_backend(config.attention_backend, config.device)
 
     def build(self, reqs, num_new) -> StepBatch:
         return StepBatch.build(reqs, num_new, self.page_size, self.device)
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """float32 logits of the rows in batch.logits_indices; K/V of every new token land in the pool."""
+    def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """float32 logits of the rows in batch.logits_indices (None on tensor-parallel ranks > 0);
+        K/V of every new token land in the pool."""
         return self.model(batch, self.pool, self.backend)
 
     def run(self, step: StepBatch) -> torch.Tensor:
@@ -66,6 +71,9 @@ class ModelRunner:
         for rows in step.prompt_rows:
             _record_prompt_logprobs(rows, logits)
         return logits[[s.row for s in step.sample_rows]]
+
+    def close(self) -> None:
+        """Release what outlives the runner's memory: nothing here (a tensor-parallel group: its ranks)."""
 
 
 def _record_prompt_logprobs(rows: PromptRows, logits: torch.Tensor) -> None:

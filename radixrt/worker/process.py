@@ -10,6 +10,10 @@ user can reach the sockets. Every message is a typed msgspec struct from `radixr
 encoded as msgpack: nothing is pickled. The front end binds, so a restarted worker simply
 connects to the same addresses.
 
+With `--tp N` the worker is rank 0 of a tensor-parallel group and starts the other N - 1 ranks
+itself (runner/tensor_parallel.py); when one dies, the worker exits non-zero naming it, and the
+front end's watchdog restarts the whole group.
+
 The loop is the offline Engine's `_loop` with sockets instead of a queue: drain incoming
 messages (without waiting while there is work, with a bounded poll while idle), run one
 step, push what every request gained as one `StepOutputs` message.
@@ -34,6 +38,7 @@ import zmq
 from radixrt import ipc
 from radixrt.config import EngineConfig
 from radixrt.model.loader import read_model_config, resolve_model_path
+from radixrt.runner.tensor_parallel import RankFailure
 from radixrt.worker.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -109,6 +114,9 @@ def run_worker(config: dict, model_dir: str, ipc_dir: str, log_level: int = logg
     orphaned = False
     try:
         orphaned = serve(worker, pull, push, parent)
+    except RankFailure as exc:  # a tensor-parallel rank is gone: the group cannot compute another step
+        log.error("%s; exiting, so that the front end restarts the worker with all its ranks", exc)
+        sys.exit(1)
     finally:
         worker.close()
         pull.close(linger=0)

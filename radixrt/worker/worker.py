@@ -23,7 +23,7 @@ from radixrt.config import EngineConfig
 from radixrt.constrained.limits import GrammarLimits
 from radixrt.model.loader import default_cache_dir, load_tokenizer, resolve_model_path
 from radixrt.request import Req, prompt_error
-from radixrt.runner.model_runner import ModelRunner
+from radixrt.runner.tensor_parallel import make_runner
 from radixrt.sampling import SamplingBatch, sample
 from radixrt.scheduler.scheduler import Scheduler
 from radixrt.worker.grammar import RequestGrammars
@@ -38,7 +38,7 @@ class Worker:
         torch.manual_seed(config.seed)
         self.config = config
         self.model_dir = model_dir or resolve_model_path(config.model)
-        self.runner = ModelRunner(config, self.model_dir)
+        self.runner = make_runner(config, self.model_dir)  # rank 0 of a group when config.tp_size > 1
         self.model_config = self.runner.model_config
         num_pages = self.runner.pool.num_pages
         self.allocator = PageAllocator(num_pages)
@@ -134,6 +134,7 @@ class Worker:
         """Stop the background work (grammar compiler processes, the disk tier's I/O, which is saved)."""
         self.grammars.close()
         self.cache.close()
+        self.runner.close()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._pending) or bool(self.grammars.compiling)
