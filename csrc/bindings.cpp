@@ -9,6 +9,10 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                      double softcap);
 void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
               const at::Tensor& slots);
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias, int64_t n,
+                        int64_t bits, int64_t group_size, int64_t dequantize_min_rows, bool simd);
+bool quant_has_simd();
 }  // namespace radixrt
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -19,6 +23,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("window_left") = -1, py::arg("softcap") = 0.0, py::call_guard<py::gil_scoped_release>());
   m.def("store_kv", &radixrt::store_kv, "write new K/V rows into their page slots", py::arg("k"), py::arg("v"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::call_guard<py::gil_scoped_release>());
+  m.def("quant_linear", &radixrt::quant_linear, "x @ W^T + b with W packed int4/int8 (csrc/quant_linear.cpp)",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("bias"), py::arg("n"),
+        py::arg("bits"), py::arg("group_size"), py::arg("dequantize_min_rows"), py::arg("simd") = true,
+        py::call_guard<py::gil_scoped_release>());
+  m.attr("quant_has_simd") = radixrt::quant_has_simd();
   m.attr("has_avx512") = bool(
 #if defined(__AVX512F__) && defined(__AVX512BW__)
       true
