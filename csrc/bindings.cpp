@@ -2,6 +2,8 @@
 
 #include <torch/extension.h>
 
+#include "decoder.h"
+
 namespace radixrt {
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& qo_indptr, const at::Tensor& kv_indptr, const at::Tensor& kv_indices,
@@ -28,6 +30,57 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bits"), py::arg("group_size"), py::arg("dequantize_min_rows"), py::arg("simd") = true,
         py::call_guard<py::gil_scoped_release>());
   m.attr("quant_has_simd") = radixrt::quant_has_simd();
+  py::class_<radixrt::Linear>(m, "Linear", "a dense or packed linear layer of the fused decoder (csrc/decoder.h)")
+      .def(py::init<>())
+      .def_readwrite("weight", &radixrt::Linear::weight)
+      .def_readwrite("qweight", &radixrt::Linear::qweight)
+      .def_readwrite("scales", &radixrt::Linear::scales)
+      .def_readwrite("offsets", &radixrt::Linear::offsets)
+      .def_readwrite("bias", &radixrt::Linear::bias)
+      .def_readwrite("n", &radixrt::Linear::n)
+      .def_readwrite("bits", &radixrt::Linear::bits)
+      .def_readwrite("group_size", &radixrt::Linear::group_size)
+      .def_readwrite("dequantize_min_rows", &radixrt::Linear::dequantize_min_rows)
+      .def_readwrite("simd", &radixrt::Linear::simd)
+      .def("__call__", &radixrt::Linear::operator(), py::call_guard<py::gil_scoped_release>());
+  py::class_<radixrt::DecoderLayer>(m, "DecoderLayer")
+      .def(py::init<>())
+      .def_readwrite("input_norm", &radixrt::DecoderLayer::input_norm)
+      .def_readwrite("post_norm", &radixrt::DecoderLayer::post_norm)
+      .def_readwrite("q_norm", &radixrt::DecoderLayer::q_norm)
+      .def_readwrite("k_norm", &radixrt::DecoderLayer::k_norm)
+      .def_readwrite("qkv", &radixrt::DecoderLayer::qkv)
+      .def_readwrite("o", &radixrt::DecoderLayer::o)
+      .def_readwrite("gate_up", &radixrt::DecoderLayer::gate_up)
+      .def_readwrite("down", &radixrt::DecoderLayer::down)
+      .def_readwrite("scale", &radixrt::DecoderLayer::scale)
+      .def_readwrite("window_left", &radixrt::DecoderLayer::window_left)
+      .def_readwrite("softcap", &radixrt::DecoderLayer::softcap)
+      .def_readwrite("rope", &radixrt::DecoderLayer::rope);
+  py::class_<radixrt::StepInputs>(m, "StepInputs")
+      .def(py::init<>())
+      .def_readwrite("cos", &radixrt::StepInputs::cos)
+      .def_readwrite("sin", &radixrt::StepInputs::sin)
+      .def_readwrite("slots", &radixrt::StepInputs::slots)
+      .def_readwrite("qo_indptr", &radixrt::StepInputs::qo_indptr)
+      .def_readwrite("kv_indptr", &radixrt::StepInputs::kv_indptr)
+      .def_readwrite("kv_indices", &radixrt::StepInputs::kv_indices)
+      .def_readwrite("kv_lens", &radixrt::StepInputs::kv_lens)
+      .def_readwrite("logits_indices", &radixrt::StepInputs::logits_indices);
+  py::class_<radixrt::Decoder>(m, "Decoder", "the decoder layers of a step in one call (csrc/decoder.cpp)")
+      .def(py::init<>())
+      .def_readwrite("layers", &radixrt::Decoder::layers)
+      .def_readwrite("k_caches", &radixrt::Decoder::k_caches)
+      .def_readwrite("v_caches", &radixrt::Decoder::v_caches)
+      .def_readwrite("final_norm", &radixrt::Decoder::final_norm)
+      .def_readwrite("num_heads", &radixrt::Decoder::num_heads)
+      .def_readwrite("num_kv_heads", &radixrt::Decoder::num_kv_heads)
+      .def_readwrite("head_dim", &radixrt::Decoder::head_dim)
+      .def_readwrite("eps", &radixrt::Decoder::eps)
+      .def_readwrite("gelu_tanh", &radixrt::Decoder::gelu_tanh)
+      .def_readwrite("simd", &radixrt::Decoder::simd)
+      .def("forward", &radixrt::Decoder::forward, py::arg("embeddings"), py::arg("inputs"),
+           py::call_guard<py::gil_scoped_release>());
   m.attr("has_avx512") = bool(
 #if defined(__AVX512F__) && defined(__AVX512BW__)
       true

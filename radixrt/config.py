@@ -11,6 +11,8 @@ from radixrt.constrained import DEFAULT_BACKEND as DEFAULT_GRAMMAR_BACKEND
 from radixrt.runner.dtype import DTYPE_CHOICES
 from radixrt.scheduler.policy import POLICIES
 
+QUANTIZATIONS = (None, "int8", "int4", "gguf")
+
 ALIASES = {"tp": "tp_size", "tensor_parallel_size": "tp_size"}  # keyword -> field, as the CLI flags spell it
 
 
@@ -33,10 +35,14 @@ class EngineConfig:
     enable_hierarchical_cache: bool = False  # SGLang's spelling: a disk tier in kv_disk_dir or ~/.cache/radixrt/kv
     max_pinned_tokens: int | None = None  # cap on pinned prefixes; None: a fifth of the KV pool (cache/pins.py)
     attention_backend: str = "auto"
+    disable_fused_decoder: bool = False  # True: the eager per-op forward even where the fused CPU one covers the model
     grammar_backend: str = DEFAULT_GRAMMAR_BACKEND  # chosen by measured schema coverage: docs/constrained.md
     grammar_compile_timeout_s: float = 10.0  # a grammar still compiling after this fails its request (408)
     enable_jump_forward: bool = True  # append grammar-forced text in one chunk (see docs/constrained.md)
     num_threads: int | None = None  # torch intra-op threads in the worker; None: torch's default
+    # Weight-only quantization (model/quant.py): int8 / int4 requantize the float weights; gguf keeps a
+    # .gguf model's own quantized tensors (model/gguf_quant.py). CPU kernels; None: the dtype's weights.
+    quantization: str | None = None
     tp_size: int = 1  # tensor-parallel ranks, one process each, threads split between them (docs/scaling.md)
     seed: int = 0
 
@@ -61,6 +67,11 @@ class EngineConfig:
             raise ValueError(f"chunked_prefill_size must be >= page_size (got {self.chunked_prefill_size})")
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1 (got {self.tp_size})")
+        if self.quantization not in QUANTIZATIONS:
+            names = ", ".join(q for q in QUANTIZATIONS if q)
+            raise ValueError(f"quantization must be None or one of {names} (got {self.quantization!r})")
+        if self.quantization and (self.tp_size > 1 or self.device != "cpu"):
+            raise ValueError("quantized weights run on the CPU without tensor parallelism (for now)")
         if self.tp_size > 1 and (self.kv_disk_dir or self.enable_hierarchical_cache):
             raise ValueError("the KV disk tier does not work with tp_size > 1 yet (each rank holds part of every page)")
         for name, value, choices in (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from radixrt.config import ATTENTION_BACKENDS, GRAMMAR_BACKENDS, POLICIES, EngineConfig
+from radixrt.config import ATTENTION_BACKENDS, GRAMMAR_BACKENDS, POLICIES, QUANTIZATIONS, EngineConfig
 from radixrt.runner.dtype import DTYPE_CHOICES
 
 
@@ -77,6 +77,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS, help="default: %(default)s"
+    )
+    g.add_argument(
+        "--quantization",
+        default=None,
+        choices=[q for q in QUANTIZATIONS if q],
+        help="weight-only quantized linear layers on the CPU: int8 (per channel) or int4 (groups of 32) "
+        "requantize the weights; gguf runs a .gguf model's own quantized tensors (default: none)",
+    )
+    g.add_argument(
+        "--disable-fused-decoder",
+        action="store_true",
+        help="run the model op by op from Python instead of the fused CPU decoder (csrc/decoder.cpp; for comparison)",
     )
     g.add_argument(
         "--grammar-backend",

@@ -93,3 +93,16 @@ def test_dtype_auto_resolves_as_documented(tmp_path, monkeypatch):
     assert resolve_dtype("float32", tmp_path, from_gguf=True, device="cpu") == torch.float32
     monkeypatch.setattr(dtype, "cpu_has_native_bf16", lambda: False)  # a CPU without bf16 instructions
     assert resolve_dtype("auto", tmp_path, from_gguf=True, device="cpu") == torch.float32
+
+
+@pytest.mark.parametrize("quantization", ["gguf", "int4", "int8"])
+def test_quantized_weights_still_know_the_capital(quantization):
+    with Engine(quantization=quantization) as engine:
+        assert engine.worker.runner.fused is not None  # the fused decoder runs the packed kernels
+        out = engine.chat([{"role": "user", "content": "What is the capital of France?"}], GREEDY_48)
+    assert "Paris" in out.text
+
+
+def test_gguf_quantization_needs_a_gguf_model(tiny_llama):
+    with pytest.raises(ValueError, match="not one"):
+        Engine(str(tiny_llama), quantization="gguf")

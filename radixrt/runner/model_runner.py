@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 
 from radixrt.attention import make_attention_backend
 from radixrt.attention.base import ForwardBatch
+from radixrt.attention.native import NativeAttention
 from radixrt.cache.page_pool import KVPool
 from radixrt.config import EngineConfig
+from radixrt.model.fused import FusedDecoder, unsupported
+from radixrt.model.gguf_quant import load_gguf_linears
 from radixrt.model.llama import LlamaForCausalLM
-from radixrt.model.loader import iter_weights, read_model_config
+from radixrt.model.loader import default_gguf_path, iter_weights, read_model_config
 from radixrt.model.parallel import TensorParallel
+from radixrt.model.quant import quantize_linears
 from radixrt.runner.dtype import resolve_dtype
 from radixrt.runner.step_batch import PromptRows, StepBatch
 from radixrt.sampling import prompt_logprobs
@@ -30,25 +35,44 @@ log = logging.getLogger(__name__)
 
 
 def load_model(
-    model_dir: str | os.PathLike, dtype: torch.dtype, device: str = "cpu", tp: TensorParallel | None = None
+    model_dir: str | os.PathLike,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    tp: TensorParallel | None = None,
+    quantization: str | None = None,
+    gguf_path: str | os.PathLike | None = None,
 ) -> LlamaForCausalLM:
-    """Build our model for the checkpoint folder (this rank's slice of it) and copy its weights in."""
+    """Build our model for the checkpoint folder (this rank's slice of it) and copy its weights in;
+    then swap its linear layers for quantized ones if asked (`gguf`: the integers of `gguf_path`)."""
     model_config = read_model_config(model_dir)
     with torch.device(device):
         model = LlamaForCausalLM(model_config, tp)
     model.load_weights(iter_weights(model_dir, dtype, device))
     model.to(dtype)
     model.rotary.float()  # rotary tables stay float32: bf16 angles lose precision at long positions
+    if quantization == "gguf":
+        load_gguf_linears(model, gguf_path)
+    elif quantization:
+        quantize_linears(model, quantization)
     return model.eval()
+
+
+def gguf_source(model: str | None) -> Path | None:
+    """The .gguf file a model option names (None: the default model's), or None for a checkpoint folder."""
+    if model is None:
+        return default_gguf_path()
+    return Path(model) if str(model).endswith(".gguf") else None
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: str | os.PathLike, tp: TensorParallel | None = None) -> None:
         self.device = config.device
         self.page_size = config.page_size
-        from_gguf = config.model is None or str(config.model).endswith(".gguf")
-        self.dtype = resolve_dtype(config.dtype, model_dir, from_gguf, config.device)
-        self.model = load_model(model_dir, self.dtype, config.device, tp)
+        gguf = gguf_source(config.model)
+        if config.quantization == "gguf" and gguf is None:
+            raise ValueError("--quantization gguf runs a .gguf file's own quantized weights: --model is not one")
+        self.dtype = resolve_dtype(config.dtype, model_dir, gguf is not None, config.device)
+        self.model = load_model(model_dir, self.dtype, config.device, tp, config.quantization, gguf)
         self.model_config = self.model.config
         kv_layout = self.model.shard  # this rank's KV heads (all of them without tensor parallelism)
         num_pages = KVPool.pages_for_budget(kv_layout, int(config.kv_memory_gb * 2**30), config.page_size, self.dtype)
@@ -56,6 +80,7 @@ class ModelRunner:
             num_pages = min(num_pages, config.max_total_tokens // config.page_size)
         self.pool = KVPool(kv_layout, num_pages, config.page_size, self.dtype, config.device)
         self.backend = make_attention_backend(config.attention_backend, config.device)
+        self.fused = None if config.disable_fused_decoder else _fused_decoder(self.model, self.pool, self.backend)
 
     def build(self, reqs, num_new) -> StepBatch:
         return StepBatch.build(reqs, num_new, self.page_size, self.device)
@@ -63,6 +88,8 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
         """float32 logits of the rows in batch.logits_indices (None on tensor-parallel ranks > 0);
         K/V of every new token land in the pool."""
+        if self.fused is not None:
+            return self.fused.forward(batch)
         return self.model(batch, self.pool, self.backend)
 
     def run(self, step: StepBatch) -> torch.Tensor:
@@ -74,6 +101,17 @@ class ModelRunner:
 
     def close(self) -> None:
         """Release what outlives the runner's memory: nothing here (a tensor-parallel group: its ranks)."""
+
+
+def _fused_decoder(model, pool: KVPool, backend) -> FusedDecoder | None:
+    """The one-call-per-step CPU forward where it covers the model (model/fused.py), else None."""
+    if not isinstance(backend, NativeAttention):
+        return None
+    reason = unsupported(model)
+    if reason:
+        log.info("eager forward: the fused decoder does not cover %s", reason)
+        return None
+    return FusedDecoder(model, pool, backend.ops)
 
 
 def _record_prompt_logprobs(rows: PromptRows, logits: torch.Tensor) -> None:
