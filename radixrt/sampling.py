@@ -9,7 +9,7 @@ order, each stage skipped when no row in the batch asked for it:
       2. min_new_tokens    (eos ids + stop_token_ids -> -inf while len(output) < min_new_tokens)
       3. repetition pen.   (HF: over prompt + output; seen logit > 0 -> / p, < 0 -> * p)
       4. freq / presence   (OpenAI: over output only; logit -= f * count + p * (count > 0))
-      5. greedy rows       ──► argmax here (temperature 0)
+      5. greedy rows       ──► argmax here (temperature 0, or below MIN_TEMPERATURE)
       6. temperature       (logits / T)
       7. top_k             (keep the k largest)
       8. top_p             (keep the smallest prefix of the sorted distribution reaching p)
@@ -54,7 +54,7 @@ class SamplingBatch:
     """
 
     vocab_size: int
-    greedy: torch.Tensor  # [B] bool, temperature == 0
+    greedy: torch.Tensor  # [B] bool, SamplingParams.greedy
     temperatures: torch.Tensor  # [B, 1] float32, 1.0 on greedy rows
     top_ks: torch.Tensor  # [B] int64, V when off (1 on greedy rows)
     top_ps: torch.Tensor  # [B] float32, 1.0 when off
@@ -96,7 +96,7 @@ class SamplingBatch:
     ) -> SamplingBatch:
         """Gather the rows' parameters into tensors: O(B), plus O(tokens) for rows with penalties."""
         V, B = vocab_size, len(params)
-        greedy = [p.temperature == 0.0 for p in params]
+        greedy = [p.greedy for p in params]
         sampled = [i for i in range(B) if not greedy[i]]
         top_ks = [1 if g else (p.top_k if 0 < p.top_k < V else V) for p, g in zip(params, greedy)]
         top_ps = [1.0 if g else p.top_p for p, g in zip(params, greedy)]

@@ -12,9 +12,15 @@ from typing import Any
 
 import msgspec
 
+# Temperatures below this sample greedily: the argmax is what sampling tends to as T -> 0, while
+# logits / T in float32 overflows to inf (then NaN) long before T reaches 0. vLLM's threshold.
+MIN_TEMPERATURE = 1e-5
+MAX_SALT_CHARS = 1024
+_SALT_RULE = f"must be a non-empty string of at most {MAX_SALT_CHARS} characters"
+
 
 class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """How to pick tokens and when to stop. `temperature == 0` means greedy."""
+    """How to pick tokens and when to stop. `temperature` 0 (or below MIN_TEMPERATURE) is greedy."""
 
     max_new_tokens: int = 128
     min_new_tokens: int = 0
@@ -64,7 +70,7 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def grammar_spec(self) -> tuple[str, str] | None:
@@ -108,6 +114,8 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _check(len(constraints) <= 1, "json_schema", "at most one of json_schema, regex, ebnf, choices", constraints)
         if self.choices is not None:
             _check(len(self.choices) > 0, "choices", "must not be empty", self.choices)
+        if self.cache_salt is not None:
+            _check(0 < len(self.cache_salt) <= MAX_SALT_CHARS, "cache_salt", _SALT_RULE, self.cache_salt)
 
 
 def _normalize(value: dict[str, Any]) -> dict[str, Any]:
@@ -128,4 +136,6 @@ def _finite(x: float) -> bool:
 
 def _check(ok: bool, field: str, rule: str, value: Any) -> None:
     if not ok:
-        raise ValueError(f"sampling_params.{field} {rule} (got {value!r})")
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else f"{shown[:60]}... ({len(shown):,} characters)"
+        raise ValueError(f"sampling_params.{field} {rule} (got {shown})")

@@ -3,24 +3,31 @@
 Decoding token by token breaks multi-byte characters and word-joining spaces, so we keep
 two offsets (as vLLM and SGLang do): text is decoded from `prefix_offset`, and only the part
 past `read_offset` is new. A chunk ending in U+FFFD is an unfinished character: wait.
-While a stop string might still be forming at the end, that tail is held back.
+While a stop string might still be forming at the end, that tail is held back. Stop strings
+are matched by `StopStrings` (an Aho-Corasick automaton), so each new character costs the
+same whatever the number and length of the stop strings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from transformers import PreTrainedTokenizerBase
+
+from radixrt.frontend.stop_strings import StopStrings
 
 
 class IncrementalDetokenizer:
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        stop: list[str] | None = None,
+        stop: StopStrings | Sequence[str] | None = None,
         skip_special_tokens: bool = True,
         include_stop_str: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
-        self.stop = stop or []
+        self.stops = stop if isinstance(stop, StopStrings) else StopStrings(stop or [])
+        self._stop_state = 0  # the automaton's state after reading `text`
         self.skip_special_tokens = skip_special_tokens
         self.include_stop_str = include_stop_str
         self.token_ids: list[int] = []
@@ -39,7 +46,7 @@ class IncrementalDetokenizer:
         prefix = decode(self.token_ids[self.prefix_offset : self.read_offset])
         full = decode(self.token_ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix) :]
+            self._append(full[len(prefix) :])
             self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
         return self._release()
 
@@ -53,49 +60,32 @@ class IncrementalDetokenizer:
                 self.token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip_special_tokens
             )
             if len(tail) > len(prefix):
-                self.text += tail[len(prefix) :]
+                self._append(tail[len(prefix) :])
                 self.read_offset = len(self.token_ids)
                 self.prefix_offset = self.read_offset
-            self._check_stop()
         out = self.text[self.emitted :]
         self.emitted = len(self.text)
         return out
 
+    def _append(self, new: str) -> None:
+        """Add decoded text; cut it at the earliest stop string that now appears in it."""
+        offset = len(self.text)
+        self.text += new
+        if not self.stops:
+            return
+        self._stop_state, match = self.stops.scan(self._stop_state, new, offset)
+        if match is not None:
+            start, index = match
+            stop = self.stops.stops[index]
+            self.text = self.text[: start + len(stop) if self.include_stop_str else start]
+            self.emitted = min(self.emitted, len(self.text))
+            self.matched_stop = stop
+
     def _release(self) -> str:
-        if self._check_stop():
-            out = self.text[self.emitted :]
-            self.emitted = len(self.text)
-            return out
-        hold = self._partial_stop_len()
-        end = len(self.text) - hold
+        """The text that can no longer become part of a stop string (all of it once one matched)."""
+        end = len(self.text) if self.matched_stop is not None else len(self.text) - self.stops.pending(self._stop_state)
         if end <= self.emitted:
             return ""
         out = self.text[self.emitted : end]
         self.emitted = end
         return out
-
-    def _check_stop(self) -> bool:
-        """Cut the text at the earliest stop string, if any appeared in the unreleased part."""
-        search_from = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
-        best = None
-        for s in self.stop:
-            i = self.text.find(s, search_from)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is None:
-            return False
-        i, s = best
-        self.text = self.text[: i + len(s) if self.include_stop_str else i]
-        self.emitted = min(self.emitted, len(self.text))
-        self.matched_stop = s
-        return True
-
-    def _partial_stop_len(self) -> int:
-        """Length of the longest text suffix that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:n]):
-                    best = n
-                    break
-        return best

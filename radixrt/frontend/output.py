@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from radixrt import ipc
 from radixrt.frontend.detokenizer import IncrementalDetokenizer
 from radixrt.frontend.errors import RequestError
+from radixrt.frontend.stop_strings import StopStrings
 from radixrt.ipc import TopLogprobs
 from radixrt.sampling_params import SamplingParams
 
@@ -44,8 +45,9 @@ class Delta:
 
 
 class OutputStream:
-    def __init__(self, tokenizer, params: SamplingParams) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer, params.stop, params.skip_special_tokens)
+    def __init__(self, tokenizer, params: SamplingParams, stops: StopStrings | None = None) -> None:
+        """`stops`: `params.stop` already built (the server builds big ones off its event loop)."""
+        self.detok = IncrementalDetokenizer(tokenizer, stops or params.stop, params.skip_special_tokens)
         self.ends_in_front_end = False  # a stop string matched before the worker finished
 
     def add(self, out: ipc.ReqOutput) -> Delta | None:

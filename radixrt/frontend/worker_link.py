@@ -151,10 +151,15 @@ class WorkerLink:
         self.unhealthy_reason = reason
         if self.metrics:
             self.metrics.worker_up.set(0)
-        for q in self.streams.values():
-            q.put_nowait(WorkerUnavailable(f"{reason} while this request was running"))
+        self.fail_requests(WorkerUnavailable(f"{reason} while this request was running"))
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(WorkerUnavailable(reason))
+
+    def fail_requests(self, error: RequestError) -> int:
+        """End every request in flight with `error` (each stream raises it); return how many."""
+        for q in self.streams.values():
+            q.put_nowait(error)
+        return len(self.streams)
 
     # ----- messages --------------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
-"""The FastAPI app: lifespan (worker start/stop), API key, OpenAI-style error bodies, routers."""
+"""The FastAPI app: lifespan (worker start/stop), request guards, API key, OpenAI-style error bodies, routers."""
 
 from __future__ import annotations
 
 import hmac
 import logging
+import re
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,14 +20,21 @@ from radixrt.config import EngineConfig
 from radixrt.frontend.errors import RequestError
 from radixrt.frontend.tokenizer_manager import TokenizerManager
 from radixrt.server import cache_routes, native, openai_chat, openai_completions
-from radixrt.server.common import ClientDisconnected, ServerSettings, ServerState, error_response, state
+from radixrt.server.common import ServerState, error_response, state
+from radixrt.server.disconnect import ClientDisconnected
+from radixrt.server.guard import RequestGuard
 from radixrt.server.metrics import ServerMetrics
+from radixrt.server.preparation import Preparer
+from radixrt.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _bearer = HTTPBearer(auto_error=False, description="the server's --api-key, when one is set")
 _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
+# pydantic errors that only say the input was of another type: for a union field it reports one per
+# branch, and the branch whose type did match (if any) is the one that says what is wrong.
+_MISMATCH = re.compile(r"_type$|_parsing$|^none_required$|^is_instance_of$")
 
 
 async def require_api_key(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
@@ -55,7 +63,8 @@ def build_app(
 ) -> FastAPI:
     settings = settings or ServerSettings()
     metrics = ServerMetrics()
-    manager = TokenizerManager(config, settings.restart_worker, on_fatal, metrics)
+    manager = TokenizerManager(config, settings.restart_worker, on_fatal, metrics, settings.max_prompt_chars)
+    preparer = Preparer(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -66,10 +75,11 @@ def build_app(
             raise
         # "default" as SGLang accepts it (its examples send it): one server serves one model.
         aliases = {"default", str(manager.model_dir)} | ({str(config.model)} if config.model else set())
-        app.state.rt = ServerState(manager, metrics, settings, model_name(config, settings), aliases)
+        app.state.rt = ServerState(manager, metrics, settings, model_name(config, settings), preparer, aliases)
         if on_ready:
             on_ready(app.state.rt.model_name)
         yield
+        preparer.close()
         await manager.close()
 
     app = FastAPI(
@@ -78,6 +88,7 @@ def build_app(
         description="A prefix-caching LLM runtime: OpenAI-compatible and native endpoints.",
         lifespan=lifespan,
     )
+    app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, max_body_bytes=settings.max_request_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(RequestError, _request_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -93,9 +104,11 @@ def build_app(
 
 
 async def _validation_error(request: Request, exc: RequestValidationError):
-    err = exc.errors()[0]
-    if err.get("type") == "json_invalid":
+    errors = exc.errors()
+    if errors[0].get("type") == "json_invalid":
         return error_response(400, "the request body is not valid JSON", None, "json_invalid")
+    field_errors = [e for e in errors if e.get("loc", ())[:2] == errors[0].get("loc", ())[:2]]
+    err = min(field_errors, key=_branch_rank)
     path = [str(p) for p in err.get("loc", ()) if p != "body"]
     path = [p for p in path if p.lower() not in _TYPE_NAMES and "[" not in p and "-" not in p]
     param = ".".join(path) or None
@@ -107,8 +120,14 @@ async def _request_error(request: Request, exc: RequestError):
     return error_response(exc.status, exc.message, exc.param)
 
 
+def _branch_rank(err: dict) -> tuple:
+    """Of one field's errors: a branch whose type matched first, then the one that got furthest in."""
+    indices = [p for p in err.get("loc", ()) if isinstance(p, int)]
+    return bool(_MISMATCH.search(err.get("type", ""))), -len(err.get("loc", ())), [-i for i in indices]
+
+
 async def _http_error(request: Request, exc: HTTPException):
-    return error_response(exc.status_code, str(exc.detail))
+    return error_response(exc.status_code, str(exc.detail), getattr(exc, "param", None), getattr(exc, "code", None))
 
 
 async def _client_gone(request: Request, exc: ClientDisconnected):

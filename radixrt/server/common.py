@@ -1,11 +1,11 @@
-"""Helpers every endpoint shares: errors, sampling params, SSE, merged streams, disconnects."""
+"""Helpers every endpoint shares: state, errors, sampling params, SSE, merged streams."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,14 +19,9 @@ from radixrt.frontend.output import Collected, Delta
 from radixrt.frontend.tokenizer_manager import TokenizerManager
 from radixrt.sampling_params import SamplingParams
 from radixrt.server.metrics import ServerMetrics
+from radixrt.server.preparation import Preparer
 from radixrt.server.protocol import SamplingFields
-
-
-@dataclass
-class ServerSettings:
-    api_key: str | None = None
-    served_model_name: str | None = None
-    restart_worker: bool = True
+from radixrt.server.settings import ServerSettings
 
 
 @dataclass
@@ -37,6 +32,7 @@ class ServerState:
     metrics: ServerMetrics
     settings: ServerSettings
     model_name: str
+    preparer: Preparer
     model_aliases: set[str] = field(default_factory=set)
 
 
@@ -78,6 +74,9 @@ ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
     503: "unavailable_error",
 }
 
@@ -95,8 +94,13 @@ def check_model(st: ServerState, model: str | None) -> None:
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "top_logprobs": "top_logprobs"}
 
 
-def make_params(values: dict[str, Any], openai_names: bool = True) -> SamplingParams:
-    """Validate sampling options; a ValueError becomes a 400 naming the offending field."""
+def make_params(values: dict[str, Any], settings: ServerSettings, openai_names: bool = True) -> SamplingParams:
+    """Validate sampling options against their rules and the server's limits; a ValueError
+    becomes a 400 naming the offending field."""
+
+    def field_name(name: str) -> str:
+        return _OPENAI_NAMES.get(name, name) if openai_names else f"sampling_params.{name}"
+
     try:
         params = SamplingParams.from_any(values)
     except ValueError as exc:
@@ -106,15 +110,42 @@ def make_params(values: dict[str, Any], openai_names: bool = True) -> SamplingPa
             or re.search(r"at `\$\.(\w+)`", message)
             or re.search(r"unknown field `(\w+)`", message)
         )
-        name = match.group(1) if match else None
-        if name and openai_names:
-            name = _OPENAI_NAMES.get(name, name)
-        elif name:
-            name = f"sampling_params.{name}"
-        raise RequestError(message, 400, name) from None
+        raise RequestError(message, 400, field_name(match.group(1)) if match else None) from None
     if params.seed is not None and not -(2**63) <= params.seed < 2**64:
         raise RequestError("seed must fit in 64 bits", 400, "seed")
+    for name in ("stop", "stop_token_ids"):
+        if len(getattr(params, name)) > settings.max_stop_strings:
+            raise RequestError(
+                f"{field_name(name)}: at most {settings.max_stop_strings} may be given "
+                f"(got {len(getattr(params, name)):,}; the server's --max-stop-strings)",
+                400,
+                field_name(name),
+            )
+    longest = max(params.stop, key=len, default="")
+    if len(longest) > settings.max_stop_chars:
+        raise RequestError(
+            f"{field_name('stop')}: each stop string may have at most {settings.max_stop_chars} characters "
+            f"(got {len(longest):,}; the server's --max-stop-chars)",
+            400,
+            field_name("stop"),
+        )
     return params
+
+
+def max_new_tokens(mgr: TokenizerManager, prompt_len: int, requested: int | None, param: str) -> int:
+    """The tokens a prompt may generate: as requested if prompt + that fits the context (else a 400
+    naming `param`, as vLLM does), or, when not given, the rest of the context."""
+    room = mgr.max_context - prompt_len
+    if requested is None:
+        return room
+    if requested > room:
+        raise RequestError(
+            f"{param} is {requested:,}, but this model's context of {mgr.max_context:,} tokens leaves room "
+            f"for {room:,} after the prompt's {prompt_len:,}",
+            400,
+            param,
+        )
+    return requested
 
 
 # ----- OpenAI request fields -> SamplingParams, usage -----------------------------------------
@@ -132,6 +163,7 @@ def sampling_dict(body: SamplingFields, max_tokens: int, seed: int | None, **ext
         "frequency_penalty": body.frequency_penalty,
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
+        "cache_salt": body.cache_salt,
         **extra,
     }
     for name in ("top_k", "min_p", "repetition_penalty", "stop_token_ids"):
@@ -285,28 +317,3 @@ async def collect(streams: list[AsyncIterator[Delta]]) -> list[Collected]:
     async for i, d in merge(streams):
         results[i].add(d)
     return results
-
-
-class ClientDisconnected(Exception):
-    pass
-
-
-async def unless_disconnected(request: Request, work: Awaitable):
-    """Run `work`; if the client goes away first, cancel it (its streams abort in the worker)."""
-
-    async def wait_disconnect() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.create_task(wait_disconnect())
-    try:
-        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        watcher.cancel()
-    if task.cancelled():
-        raise ClientDisconnected()
-    return task.result()

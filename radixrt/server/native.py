@@ -15,16 +15,18 @@ import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from radixrt.frontend.chat_template import render_chat
 from radixrt.frontend.errors import RequestError
 from radixrt.frontend.output import Collected, Delta
+from radixrt.sampling_params import SamplingParams
 from radixrt.server.common import (
     JSON,
     SSE_DONE,
+    ServerState,
     SSEResponse,
     check_model,
     collect,
     make_params,
+    max_new_tokens,
     merge,
     name_errors,
     prime,
@@ -32,12 +34,13 @@ from radixrt.server.common import (
     sse,
     sse_error,
     state,
-    unless_disconnected,
 )
+from radixrt.server.disconnect import unless_disconnected
+from radixrt.server.guard import JSONRoute
 from radixrt.server.openai_chat import message_dicts
 from radixrt.server.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest
 
-router = APIRouter()  # behind the API key
+router = APIRouter(route_class=JSONRoute)  # behind the API key
 open_router = APIRouter()  # no key: liveness probes
 
 
@@ -65,24 +68,27 @@ async def models(request: Request):
 @router.post("/v1/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request):
     st = state(request)
+    mgr = st.manager
     check_model(st, body.model)
-    tok = st.manager.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise RequestError("pass exactly one of prompt or messages", 400, "prompt")
-    text = body.prompt
-    if body.messages is not None:
-        try:
-            text = render_chat(tok, message_dicts(body.messages), body.add_generation_prompt)
-        except Exception as exc:
-            raise RequestError(str(exc), 400, "messages") from None
-    ids = tok.encode(text, add_special_tokens=body.add_special_tokens)
-    return JSON({"tokens": ids, "count": len(ids), "max_model_len": st.manager.max_context})
+
+    def tokens() -> list[int]:  # counted whatever the context (no check_ids): this endpoint measures
+        if body.messages is not None:
+            text = mgr.render_chat(message_dicts(body.messages), body.add_generation_prompt)
+            return mgr.tokenize(text, "messages", body.add_special_tokens)
+        return mgr.tokenize(body.prompt, "prompt", body.add_special_tokens)
+
+    ids = await st.preparer.run(request, len(await request.body()), tokens)
+    return JSON({"tokens": ids, "count": len(ids), "max_model_len": mgr.max_context})
 
 
 @router.post("/v1/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request):
     st = state(request)
     check_model(st, body.model)
+    if len(body.tokens) > st.manager.max_context:
+        raise RequestError(f"at most {st.manager.max_context:,} tokens (this model's context)", 400, "tokens")
     if any(t >= st.manager.vocab_size for t in body.tokens):
         raise RequestError(f"token ids must be in [0, {st.manager.vocab_size})", 400, "tokens")
     return JSON({"prompt": st.manager.tokenizer.decode(body.tokens)})
@@ -90,14 +96,10 @@ async def detokenize(body: DetokenizeRequest, request: Request):
 
 @router.post("/flush_cache")
 async def flush_cache(request: Request):
-    """Drop every cached prefix; refused (flushed: false) while requests are running."""
+    """Drop every cached prefix; refused (flushed: false) while requests are running. POST only:
+    a GET that changes state is one any web page can make a browser send."""
     require_worker(state(request))
     return JSON({"flushed": await state(request).manager.flush_cache()})
-
-
-@router.get("/flush_cache", include_in_schema=False)
-async def flush_cache_get(request: Request):
-    return await flush_cache(request)
 
 
 @router.get("/stats")
@@ -160,7 +162,7 @@ def _items(body: GenerateRequest, mgr) -> tuple[list[list[int]], bool]:
     return [mgr.check_ids(list(body.input_ids), "input_ids")], False
 
 
-def _params(body: GenerateRequest, prompts: list[list[int]]):
+def _params(body: GenerateRequest, prompts: list[list[int]], st: ServerState) -> list[SamplingParams]:
     sp = body.sampling_params
     if isinstance(sp, list):
         if len(sp) != len(prompts):
@@ -174,7 +176,12 @@ def _params(body: GenerateRequest, prompts: list[list[int]]):
             values.update(logprobs=True, top_logprobs=body.top_logprobs_num)
             if 0 <= body.logprob_start_len < len(ids):
                 values.update(prompt_logprobs=True, logprob_start_len=body.logprob_start_len)
-        out.append(make_params(values, openai_names=False))
+        if body.cache_salt is not None and values.setdefault("cache_salt", body.cache_salt) != body.cache_salt:
+            raise RequestError("cache_salt differs from sampling_params.cache_salt", 400, "cache_salt")
+        params = make_params(values, st.settings, openai_names=False)
+        if "max_new_tokens" in values:  # the default (128) is capped by the context instead
+            max_new_tokens(st.manager, len(ids), params.max_new_tokens, "sampling_params.max_new_tokens")
+        out.append(params)
     return out
 
 
@@ -227,11 +234,14 @@ def _result(body: GenerateRequest, mgr, rid: str, ids: list[int], r: Collected) 
 async def generate(body: GenerateRequest, request: Request):
     st = state(request)
     mgr = st.manager
-    prompts, batch = _items(body, mgr)
-    params = _params(body, prompts)
+    prompts, batch = await st.preparer.run(request, len(await request.body()), lambda: _items(body, mgr))
+    params = _params(body, prompts, st)
+    stops = await st.preparer.stops(request, params, "sampling_params.stop")
     require_worker(st)
     rids = [uuid.uuid4().hex for _ in prompts]
-    streams = [name_errors(mgr.generate(ids, p), _grammar_param(p)) for ids, p in zip(prompts, params)]
+    streams = [
+        name_errors(mgr.generate(ids, p, s), _grammar_param(p)) for ids, p, s in zip(prompts, params, stops)
+    ]
     if body.stream:
         if any(p.grammar_spec for p in params):  # a grammar that does not compile is a 400, not an error event
             streams = await unless_disconnected(request, prime(streams))

@@ -8,7 +8,6 @@ import uuid
 
 from fastapi import APIRouter, Request
 
-from radixrt.frontend.chat_template import render_chat
 from radixrt.frontend.errors import RequestError
 from radixrt.frontend.output import Delta
 from radixrt.server.common import (
@@ -20,6 +19,7 @@ from radixrt.server.common import (
     collect,
     finish_reason,
     make_params,
+    max_new_tokens,
     merge,
     name_errors,
     prime,
@@ -30,13 +30,14 @@ from radixrt.server.common import (
     sse,
     sse_error,
     state,
-    unless_disconnected,
     usage,
 )
+from radixrt.server.disconnect import unless_disconnected
+from radixrt.server.guard import JSONRoute
 from radixrt.server.protocol import ChatCompletionRequest
 from radixrt.server.tool_calls import ToolPlan, ToolStream, plan_tools
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 
 def message_dicts(messages) -> list[dict]:
@@ -80,23 +81,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         if grammar:
             raise RequestError(f"tool_choice forces a tool call; it cannot be combined with {param}", 400, param)
         grammar, param = {"json_schema": tools.schema}, "tools"
-    messages = message_dicts(body.messages)
-    try:
-        text = render_chat(mgr.tokenizer, messages, body.add_generation_prompt, tools.template_tools)
-    except ValueError as exc:
-        raise RequestError(str(exc), 400, "messages") from None
-    except Exception as exc:  # a Jinja error raised by the model's own template
-        raise RequestError(f"the chat template rejected these messages: {exc}", 400, "messages") from None
-    ids = mgr.encode(text, param="messages")
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    if max_tokens is None:
-        max_tokens = mgr.max_context - len(ids)
+    size = len(await request.body())  # what the template and the tokenizer may have to read, at most
+    ids = await st.preparer.run(
+        request,
+        size,
+        lambda: mgr.chat_ids(message_dicts(body.messages), body.add_generation_prompt, tools.template_tools),
+    )
+    given = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = max_new_tokens(mgr, len(ids), getattr(body, given), given)
     top = body.top_logprobs or 0
     extra = dict(logprobs=body.logprobs, top_logprobs=top, **grammar)
-    params = [make_params(sampling_dict(body, max_tokens, seed_for(body, i), **extra)) for i in range(body.n)]
+    params = [
+        make_params(sampling_dict(body, max_tokens, seed_for(body, i), **extra), st.settings) for i in range(body.n)
+    ]
+    stops = await st.preparer.stops(request, params, "stop")
     require_worker(st)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    streams = share_prompt([name_errors(mgr.generate(ids, p), param) for p in params], body.n)
+    streams = share_prompt([name_errors(mgr.generate(ids, p, s), param) for p, s in zip(params, stops)], body.n)
     if body.stream:
         if grammar:  # a grammar that does not compile is a 400, not an error event
             streams = await unless_disconnected(request, prime(streams))

@@ -18,6 +18,7 @@ from radixrt.server.common import (
     collect,
     finish_reason,
     make_params,
+    max_new_tokens,
     merge,
     name_errors,
     prime,
@@ -28,15 +29,17 @@ from radixrt.server.common import (
     sse,
     sse_error,
     state,
-    unless_disconnected,
     usage,
 )
+from radixrt.server.disconnect import unless_disconnected
+from radixrt.server.guard import JSONRoute
 from radixrt.server.protocol import CompletionRequest
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 
 def prompt_list(mgr, prompt) -> list[list[int]]:
+    """Token ids of each prompt (run by the preparer: tokenizing may be long)."""
     if isinstance(prompt, str):
         return [mgr.encode(prompt)]
     if not prompt:
@@ -88,20 +91,27 @@ async def completions(body: CompletionRequest, request: Request):
     if body.best_of is not None and body.best_of != body.n:
         raise RequestError("best_of is not supported (leave it unset or equal to n)", 400, "best_of")
     grammar, param = body.grammar()
-    prompts = prompt_list(mgr, body.prompt)
+    prompts = await st.preparer.run(request, len(await request.body()), lambda: prompt_list(mgr, body.prompt))
     want_lp = body.logprobs is not None
-    streams, plan = [], []
+    # Unset, max_tokens is OpenAI's 16, or what is left of the context if less; set, it must fit.
+    requested = body.max_tokens if "max_tokens" in body.model_fields_set else None
+    plan = []
     for ids in prompts:
-        max_tokens = body.max_tokens if body.max_tokens is not None else mgr.max_context - len(ids)
+        max_tokens = max_new_tokens(mgr, len(ids), requested, "max_tokens")
+        if requested is None and body.max_tokens is not None:
+            max_tokens = min(max_tokens, body.max_tokens)
         extra = {
             "logprobs": want_lp,
             "top_logprobs": body.logprobs or 0,
             "prompt_logprobs": want_lp and body.echo and not body.stream,
         }
         for i in range(body.n):
-            plan.append((ids, make_params(sampling_dict(body, max_tokens, seed_for(body, i), **extra, **grammar))))
+            values = sampling_dict(body, max_tokens, seed_for(body, i), **extra, **grammar)
+            plan.append((ids, make_params(values, st.settings)))
+    stops = await st.preparer.stops(request, [p for _, p in plan], "stop")
     require_worker(st)
-    streams = share_prompt([name_errors(mgr.generate(ids, p), param) for ids, p in plan], body.n)
+    streams = [name_errors(mgr.generate(ids, p, s), param) for (ids, p), s in zip(plan, stops)]
+    streams = share_prompt(streams, body.n)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         if grammar:  # a grammar that does not compile is a 400, not an error event

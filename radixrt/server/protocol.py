@@ -2,7 +2,11 @@
 
 Bounds live here (the schema shows them, and a bad value is refused with the field's name);
 `SamplingParams.validate` checks the same rules again for the native `/generate` endpoint.
-Unknown fields are ignored, as OpenAI clients send options we do not implement.
+Every list is cheap to refuse: pydantic checks `max_length` before the items, and `fail_fast`
+stops at the first bad item instead of collecting one error per item (a million bad items
+would take seconds of the event loop). Limits set per server (stop strings) are checked in
+server/common.py. Unknown fields are ignored, as OpenAI clients send options we do
+not implement.
 """
 
 from __future__ import annotations
@@ -13,11 +17,19 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from radixrt.frontend.errors import RequestError
+from radixrt.sampling_params import MAX_SALT_CHARS
 
 INT32 = 2**31 - 1
 MAX_N = 16  # choices per request
+MAX_PROMPTS = 256  # prompts in one completions or /generate request
+MAX_MESSAGES = 4096  # a chat's messages: every template spends a few tokens on each
+MAX_CONTENT_PARTS = 256  # text parts of one message
+MAX_TOOLS = 128  # OpenAI's limit
 
 TokenId = Annotated[int, Field(ge=0, le=INT32)]
+TokenIds = Annotated[list[TokenId], Field(fail_fast=True)]
+Prompts = Annotated[list[str], Field(max_length=MAX_PROMPTS, fail_fast=True)]
+PromptIds = Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS, fail_fast=True)]
 MaxTokens = Annotated[int, Field(ge=0, le=INT32)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
@@ -37,9 +49,9 @@ class TextPart(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS, fail_fast=True)] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS, fail_fast=True)
     tool_call_id: str | None = None
 
 
@@ -97,20 +109,26 @@ class SamplingFields(_Body):
     n: int = Field(1, ge=1, le=MAX_N, description="choices to generate; they share the prompt's cached prefix")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = Field(
-        None, description="up to 16 stop strings"
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(fail_fast=True)] | None = Field(
+        None, description="a stop string or a list of them (at most the server's --max-stop-strings, default 16)"
     )
     seed: Seed | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = None
+    cache_salt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_SALT_CHARS,
+        description="requests share cached prompt prefixes only with requests carrying the same salt (vLLM's field)",
+    )
     # Extensions
     top_k: int | None = Field(None, ge=-1, le=INT32)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     min_tokens: MaxTokens = 0
     ignore_eos: bool = False
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: TokenIds | None = None
     skip_special_tokens: bool = True
     # Constrained output: OpenAI's response_format, or one of radixrt/SGLang's fields (vLLM's names work too).
     response_format: ResponseFormat | None = None
@@ -124,7 +142,11 @@ class SamplingFields(_Body):
         None, validation_alias=AliasChoices("json_schema", "guided_json"), description="alias guided_json"
     )
     choices: list[str] | None = Field(
-        None, min_length=1, validation_alias=AliasChoices("choices", "guided_choice"), description="alias guided_choice"
+        None,
+        min_length=1,
+        fail_fast=True,
+        validation_alias=AliasChoices("choices", "guided_choice"),
+        description="alias guided_choice",
     )
 
     def grammar(self) -> tuple[dict[str, Any], str | None]:
@@ -153,12 +175,14 @@ class SamplingFields(_Body):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES, fail_fast=True)
     max_tokens: MaxTokens | None = Field(None, description="deprecated alias of max_completion_tokens")
     max_completion_tokens: MaxTokens | None = Field(None, description="default: the rest of the context")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = Field(None, description="functions the model may call (see docs/server.md)")
+    tools: list[Tool] | None = Field(
+        None, max_length=MAX_TOOLS, fail_fast=True, description="functions the model may call (see docs/server.md)"
+    )
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None,
         description=(
@@ -170,7 +194,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+    prompt: str | Prompts | TokenIds | PromptIds = Field(
         description="a string, a list of strings, a list of token ids, or a list of those"
     )
     max_tokens: MaxTokens | None = 16
@@ -183,24 +207,32 @@ class CompletionRequest(SamplingFields):
 class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES, fail_fast=True)
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
 
 
 class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: list[TokenId]
+    tokens: TokenIds
 
 
 class GenerateRequest(_Body):
     """The native (SGLang-shaped) request: text or token ids, SGLang sampling_params names."""
 
-    text: str | list[str] | None = None
-    input_ids: list[TokenId] | list[list[TokenId]] | None = None
-    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    text: str | Prompts | None = None
+    input_ids: TokenIds | PromptIds | None = None
+    sampling_params: (
+        dict[str, Any] | Annotated[list[dict[str, Any]], Field(max_length=MAX_PROMPTS, fail_fast=True)] | None
+    ) = None
     stream: bool = False
     return_logprob: bool = False
     top_logprobs_num: int = Field(0, ge=0, le=20)
     logprob_start_len: int = Field(-1, ge=-1, le=INT32, description="-1: no prompt logprobs")
     return_text_in_logprobs: bool = False
+    cache_salt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_SALT_CHARS,
+        description="for every prompt: shares cached prefixes only with requests carrying the same salt",
+    )

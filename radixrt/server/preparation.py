@@ -1,0 +1,76 @@
+"""A request's CPU-heavy preparation: bounded first, off the event loop, dropped when its client leaves.
+
+One event loop serves every client, so whatever a handler computes, everyone else waits for.
+What a request carries sets the cost of preparing it: the chat template (Python, grows with the
+messages and tools), the tokenizer (Rust, grows with the characters), the stop-string automaton
+(Python, grows with the stop characters). So:
+
+- every input is bounded before any work (--max-request-bytes, prompt text longer than could
+  fit the context, --max-stop-strings, --max-stop-chars) and refused with a 4xx naming the field;
+- small work (up to INLINE_CHARS characters of input, about a millisecond) runs inline, cheaper
+  than a thread hop, so a cheap request never queues behind an expensive one;
+- the rest runs on a few preparation threads. The tokenizer's encode releases the GIL, and the
+  template's Python gives it up every few milliseconds (`sys.getswitchinterval`), so the loop
+  keeps serving meanwhile;
+- when the client leaves, the handler returns at once: work still queued is dropped, work
+  already running (bounded) finishes and is discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from fastapi import Request
+
+from radixrt.frontend.errors import RequestError
+from radixrt.frontend.stop_strings import StopStrings
+from radixrt.sampling_params import SamplingParams
+from radixrt.server.disconnect import unless_disconnected
+from radixrt.server.settings import ServerSettings
+
+T = TypeVar("T")
+
+INLINE_CHARS = 4096  # ~1 ms to tokenize or to build an automaton from, on our CPU
+PREPARE_THREADS = 2
+
+
+class Preparer:
+    def __init__(self, settings: ServerSettings, threads: int = PREPARE_THREADS) -> None:
+        self.settings = settings
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="radixrt-prepare")
+
+    async def run(self, request: Request, size: int, work: Callable[[], T]) -> T:
+        """`work()`, which reads about `size` characters of input: inline if small, else on a thread."""
+        if size <= INLINE_CHARS:
+            return work()
+        return await unless_disconnected(request, asyncio.get_running_loop().run_in_executor(self._pool, work))
+
+    async def stops(self, request: Request, params: list[SamplingParams], param: str) -> list[StopStrings]:
+        """The stop-string automaton of each params, one per distinct list (n choices share theirs).
+
+        Each list was checked against the limits already (`make_params`); a request whose distinct
+        lists hold more characters in all than one list may (a batch with different stops per
+        prompt) is refused, so no request builds more than one full-size automaton's worth.
+        """
+        distinct = {tuple(p.stop) for p in params}
+        size = sum(len(s) for stops in distinct for s in stops)
+        max_chars = self.settings.max_stop_strings * self.settings.max_stop_chars
+        if size > max_chars:
+            raise RequestError(
+                f"{param}: the prompts of this request carry {size:,} characters of stop strings in all; "
+                f"at most {max_chars:,} (--max-stop-strings x --max-stop-chars)",
+                400,
+                param,
+            )
+
+        def build() -> list[StopStrings]:
+            built = {stops: StopStrings(stops) for stops in distinct}
+            return [built[tuple(p.stop)] for p in params]
+
+        return await self.run(request, size, build)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
