@@ -16,7 +16,7 @@ TINY_VOCAB = 320
 
 def _tiny_tokenizer(folder: Path) -> None:
     """A word-level tokenizer over TINY_VOCAB words, so tiny models run end to end through Engine."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(TINY_VOCAB - 3)]
@@ -113,6 +113,18 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
         name: make_tiny_checkpoint(tmp_path_factory.mktemp(name), family, tie, **extra)
         for name, (family, tie, extra) in variants.items()
     }
+
+
+@pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory):
+    """`family_checkpoint(name, **config_changes)`: a tiny checkpoint of a tests/parity.py FAMILY_VARIANTS entry."""
+    from parity import FAMILY_VARIANTS
+
+    def build(name: str, **changes):
+        family, tie, overrides = FAMILY_VARIANTS[name]
+        return make_tiny_checkpoint(tmp_path_factory.mktemp(name), family, tie, **{**overrides, **changes})
+
+    return build
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_attention_backends import BATCHES, LAYERS, check_parity, make_case
+from attention_cases import BATCHES, LAYERS, check_parity, make_case
 
 from radixrt.attention.base import LayerAttention
 from radixrt.attention.flashinfer_backend import FlashInferAttention

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_families import VARIANTS as FAMILY_VARIANTS
-from test_model_families import checkpoints  # noqa: F401  (a fixture)
-from test_model_parity import VARIANTS as PARITY_VARIANTS
-from test_model_parity import ours
+from parity import FAMILY_VARIANTS, PARITY_VARIANTS, ours
 
 from radixrt import Engine, _native
 from radixrt.attention.base import ForwardBatch
@@ -86,15 +83,15 @@ def test_float32_logits_equal_the_eager_forward(tiny_checkpoints, ops, variant):
 
 
 @pytest.mark.parametrize("variant", [v for v in FAMILY_VARIANTS if not v.startswith(("gemma", "rope-"))])
-def test_other_families_equal_the_eager_forward(checkpoints, ops, variant):  # noqa: F811
-    model = ours(checkpoints(variant))
+def test_other_families_equal_the_eager_forward(family_checkpoint, ops, variant):
+    model = ours(family_checkpoint(variant))
     assert unsupported(model) is None
     for fused, eager in both_ways(model, ops):
         torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_gemma_is_left_to_the_eager_forward(checkpoints):  # noqa: F811
-    assert unsupported(ours(checkpoints("gemma2"))) == "Gemma's norms"
+def test_gemma_is_left_to_the_eager_forward(family_checkpoint):
+    assert unsupported(ours(family_checkpoint("gemma2"))) == "Gemma's norms"
 
 
 @pytest.mark.parametrize("method", [None, "int8", "int4"])

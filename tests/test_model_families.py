@@ -13,56 +13,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
-from test_model_parity import BACKENDS, PROMPT_IDS, check_engine_greedy, check_prompt_logits, hf_model
+from parity import (
+    BACKENDS,
+    FAMILY_VARIANTS,
+    GEMMA3_ROPE,
+    PROMPT_IDS,
+    ROPES,
+    check_engine_greedy,
+    check_prompt_logits,
+    hf_model,
+    longrope,
+)
 
 from radixrt.attention.base import ForwardBatch
 from radixrt.model.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
 from radixrt.model.rope import RotaryEmbedding
 
-WIDE = {"initializer_range": 0.1}
-GEMMA = dict(WIDE, sliding_window=8, query_pre_attn_scalar=24)
-GEMMA3_ROPE = {
-    "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
-    "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
-}
-
-
-def longrope(rotary_dim: int, original: int = 16) -> dict:
-    """LongRoPE parameters with distinct short and long factors per rotary frequency."""
-    half = rotary_dim // 2
-    return {
-        "rope_type": "longrope",
-        "original_max_position_embeddings": original,
-        "short_factor": [1.0 + 0.2 * i for i in range(half)],
-        "long_factor": [2.0 + 1.5 * i for i in range(half)],
-    }
-
-
-# name -> (family, tied embeddings, config overrides)
-FAMILIES = {
-    "qwen3": ("qwen3", False, WIDE),
-    "qwen3-sliding-layers": ("qwen3", True, dict(WIDE, use_sliding_window=True, sliding_window=8, max_window_layers=1)),
-    "gemma2": ("gemma2", True, dict(GEMMA, attn_logit_softcapping=1.0, final_logit_softcapping=5.0)),
-    "gemma3": ("gemma3", True, dict(GEMMA, num_hidden_layers=4, sliding_window_pattern=2, rope_parameters=GEMMA3_ROPE)),
-    "phi3-window": ("phi3", False, dict(WIDE, sliding_window=8)),
-    "phi4-mini-longrope": ("phi3", True, dict(
-        WIDE, partial_rotary_factor=0.75, max_position_embeddings=64, original_max_position_embeddings=16,
-        rope_scaling=longrope(12),
-    )),  # fmt: skip
-    "mistral-window": ("mistral", False, dict(WIDE, sliding_window=8)),
-}
-# Every rope kind on a tiny Llama (llama3 is in test_model_parity.py). dynamic and longrope change
-# at 16 positions: the 37-token prompt logits pass it in one step, greedy decoding passes it token
-# by token (the 12-token prompt stays under it: see model/rope.py on chunked prefill).
-ROPES = {
-    "rope-linear": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
-    "rope-dynamic": dict(max_position_embeddings=16, rope_scaling={"rope_type": "dynamic", "factor": 4.0}),
-    "rope-yarn": dict(max_position_embeddings=64, rope_scaling={
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
-    "rope-longrope": dict(max_position_embeddings=64, rope_scaling=longrope(16)),
-}  # fmt: skip
-VARIANTS = {**FAMILIES, **{name: ("llama", False, dict(WIDE, **extra)) for name, extra in ROPES.items()}}
+VARIANTS = FAMILY_VARIANTS
 # transformers' Phi-3 generate drops its KV cache and recomputes the whole sequence with long factors
 # when it first passes original_max_position_embeddings; we keep the cache (model/rope.py). So Phi-3
 # longrope is compared with a prompt already past it, prefilled in one chunk: long factors throughout.
@@ -85,17 +52,8 @@ FEATURES_OFF = [
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    def build(name: str, **changes):
-        family, tie, overrides = VARIANTS[name]
-        return make_tiny_checkpoint(tmp_path_factory.mktemp(name), family, tie, **{**overrides, **changes})
-
-    return build
-
-
-@pytest.fixture(scope="module")
-def folders(checkpoints):
-    return {name: checkpoints(name) for name in VARIANTS}
+def folders(family_checkpoint):
+    return {name: family_checkpoint(name) for name in VARIANTS}
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
@@ -111,10 +69,10 @@ def test_engine_greedy_matches_transformers(folders, variant, backend_name):
 
 
 @pytest.mark.parametrize("variant, off", FEATURES_OFF, ids=[f"{v}-{'-'.join(off)}" for v, off in FEATURES_OFF])
-def test_each_feature_moves_the_logits(folders, checkpoints, variant, off):
+def test_each_feature_moves_the_logits(folders, family_checkpoint, variant, off):
     with torch.no_grad():
         with_it = hf_model(folders[variant])(torch.tensor([PROMPT_IDS])).logits[0]
-        without = hf_model(checkpoints(variant, **off))(torch.tensor([PROMPT_IDS])).logits[0]
+        without = hf_model(family_checkpoint(variant, **off))(torch.tensor([PROMPT_IDS])).logits[0]
     assert (with_it - without).abs().max() > 100 * 1e-4  # 100x the parity tolerance
 
 
