@@ -11,7 +11,9 @@ messages and tools), the tokenizer (Rust, grows with the characters), the stop-s
   than a thread hop, so a cheap request never queues behind an expensive one;
 - the rest runs on a few preparation threads. The tokenizer's encode releases the GIL, and the
   template's Python gives it up every few milliseconds (`sys.getswitchinterval`), so the loop
-  keeps serving meanwhile;
+  keeps serving meanwhile. The threads share the one tokenizer: safe as long as nothing sets
+  truncation or padding on it (transformers would then reconfigure the Rust tokenizer during
+  encodes, which fails with "Already borrowed" when two threads encode at once);
 - when the client leaves, the handler returns at once: work still queued is dropped, work
   already running (bounded) finishes and is discarded.
 """
