@@ -11,7 +11,7 @@ from radixrt.constrained import DEFAULT_BACKEND as DEFAULT_GRAMMAR_BACKEND
 from radixrt.runner.dtype import DTYPE_CHOICES
 from radixrt.scheduler.policy import POLICIES
 
-QUANTIZATIONS = (None, "int8", "int4", "gguf")
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")
 
 ALIASES = {"tp": "tp_size", "tensor_parallel_size": "tp_size"}  # keyword -> field, as the CLI flags spell it
 
@@ -41,8 +41,9 @@ class EngineConfig:
     enable_jump_forward: bool = True  # append grammar-forced text in one chunk (see docs/constrained.md)
     num_threads: int | None = None  # torch intra-op threads in the worker; None: torch's default
     # Weight-only quantization (model/quant.py): int8 / int4 requantize the float weights; gguf keeps a
-    # .gguf model's own quantized tensors (model/gguf_quant.py). CPU kernels; None: the dtype's weights.
-    quantization: str | None = None
+    # .gguf model's own quantized tensors (model/gguf_quant.py); none: the dtype's weights. auto: gguf
+    # for a .gguf model on the CPU with the native kernels (what llama.cpp computes with), else none.
+    quantization: str = "auto"
     tp_size: int = 1  # tensor-parallel ranks, one process each, threads split between them (docs/scaling.md)
     seed: int = 0
 
@@ -68,9 +69,8 @@ class EngineConfig:
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1 (got {self.tp_size})")
         if self.quantization not in QUANTIZATIONS:
-            names = ", ".join(q for q in QUANTIZATIONS if q)
-            raise ValueError(f"quantization must be None or one of {names} (got {self.quantization!r})")
-        if self.quantization and (self.tp_size > 1 or self.device != "cpu"):
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (got {self.quantization!r})")
+        if self.quantization in ("int8", "int4", "gguf") and (self.tp_size > 1 or self.device != "cpu"):
             raise ValueError("quantized weights run on the CPU without tensor parallelism (for now)")
         if self.tp_size > 1 and (self.kv_disk_dir or self.enable_hierarchical_cache):
             raise ValueError("the KV disk tier does not work with tp_size > 1 yet (each rank holds part of every page)")

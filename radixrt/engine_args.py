@@ -80,10 +80,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--quantization",
-        default=None,
-        choices=[q for q in QUANTIZATIONS if q],
+        default=d.quantization,
+        choices=QUANTIZATIONS,
         help="weight-only quantized linear layers on the CPU: int8 (per channel) or int4 (groups of 32) "
-        "requantize the weights; gguf runs a .gguf model's own quantized tensors (default: none)",
+        "requantize the weights; gguf runs a .gguf model's own quantized tensors; none keeps the dtype's "
+        "weights; auto: gguf for a .gguf model (the default model is one) when the native kernels build, "
+        "else none (default: %(default)s)",
     )
     g.add_argument(
         "--disable-fused-decoder",

@@ -64,20 +64,29 @@ SHOTS = [
 
 REGEXES = {  # name: (pattern, question)
     "date": (r"\d{4}-\d{2}-\d{2}", "On what date did Apollo 11 land on the Moon? Answer as YYYY-MM-DD."),
-    "iso_datetime": (r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\dZ",
-                     "Give a timestamp for New Year 2000 at midnight UTC."),
-    "ipv4": (r"((25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)",
-             "What is the usual IP address of a home router?"),
+    "iso_datetime": (
+        r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\dZ",
+        "Give a timestamp for New Year 2000 at midnight UTC.",
+    ),
+    "ipv4": (
+        r"((25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)",
+        "What is the usual IP address of a home router?",
+    ),
     "ipv4_loose": (r"(\d{1,3}\.){3}\d{1,3}", "Give the IP address of a public DNS server."),
     "email": (r"[a-z0-9._]{1,24}@[a-z0-9-]{1,24}\.(com|org|net)", "Write an email address for John Smith at Acme."),
-    "email_open": (r"[a-zA-Z0-9._%+-]+@[a-zA-Z0-9.-]+\.[a-zA-Z]{2,}",  # unbounded; a vaguer prompt loops
-                   "Write the email address john.smith@acme.com in lowercase."),
+    "email_open": (
+        r"[a-zA-Z0-9._%+-]+@[a-zA-Z0-9.-]+\.[a-zA-Z]{2,}",  # unbounded; a vaguer prompt loops
+        "Write the email address john.smith@acme.com in lowercase.",
+    ),
     "identifier": (r"[A-Za-z_][A-Za-z0-9_]{0,31}", "Name a Python variable that stores a user's age."),
     "snake_case": (r"[a-z]+(_[a-z]+){0,4}", "Name a function that computes the area of a circle."),
     "time": (r"([01]\d|2[0-3]):[0-5]\d", "At what time does a typical office open? Use 24-hour HH:MM."),
     "phone": (r"\(\d{3}\) \d{3}-\d{4}", "Write a US phone number."),
     "hex_color": (r"#[0-9a-fA-F]{6}", "What is the hex code of pure red?"),
-    "semver": (r"(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})", "What version number does a first stable release get?"),
+    "semver": (
+        r"(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})",
+        "What version number does a first stable release get?",
+    ),
 }
 REGEX_MAX_TOKENS = 48
 
@@ -165,10 +174,11 @@ def engine(default_engine):
 
 @pytest.fixture(scope="module")
 def step_engine():
-    """Jump-forward off: every token decoded by the model, the reference for jump-forward (on by default)."""
+    """Jump-forward off: every token decoded by the model, the reference for jump-forward (on by default).
+    float32 weights, like fp32_engine below: the comparison is of token choices, not of rounding."""
     from radixrt import Engine
 
-    with Engine(enable_jump_forward=False) as engine:
+    with Engine(enable_jump_forward=False, dtype="float32", quantization="none") as engine:
         yield engine
 
 
@@ -186,15 +196,28 @@ def corpus(engine):
     outputs = engine.generate(prompts, params)
     outcome = Outcome(CORPUS, specs, outputs, engine)
     outcome.outputs = outputs
-    print(f"\ncorpus: {len(outcome.stopped)}/{len(outcome.rows)} finished with 'stop'; invalid "
-          f"{len(outcome.invalid(False))}, duplicate keys {len(outcome.invalid(True))}, generated "
-          f"{sum(len(o.token_ids) for o in outputs)} tokens")
+    print(
+        f"\ncorpus: {len(outcome.stopped)}/{len(outcome.rows)} finished with 'stop'; invalid "
+        f"{len(outcome.invalid(False))}, duplicate keys {len(outcome.invalid(True))}, generated "
+        f"{sum(len(o.token_ids) for o in outputs)} tokens"
+    )
     return outcome
 
 
 @pytest.fixture(scope="module")
-def mixed(engine):
+def fp32_engine():
+    """float32 weights, for a test that compares a row with its solo run: only float32 makes a row's
+    result independent of the batch around it (bf16 and 4-bit kernels round by batch shape)."""
+    from radixrt import Engine
+
+    with Engine(dtype="float32", quantization="none") as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def mixed(fp32_engine):
     """Regexes, choices and unconstrained requests in ONE generate call."""
+    engine = fp32_engine
     prompts, params = [], []
     for pattern, question in REGEXES.values():
         prompts.append(chat(engine, question))
@@ -258,7 +281,8 @@ def test_choices_output_is_exactly_one_choice(mixed):
         assert out.finish_reason == "stop" and out.text in choices, (question, out.text)
 
 
-def test_unconstrained_rows_equal_their_solo_outputs(engine, mixed):
+def test_unconstrained_rows_equal_their_solo_outputs(fp32_engine, mixed):
+    engine = fp32_engine
     solo = [engine.generate(chat(engine, q), FREE_PARAMS) for q in FREE]
     assert [o.token_ids for o in mixed["free"]] == [o.token_ids for o in solo]
     assert all(len(o.token_ids) > 3 for o in solo)  # real text, not an empty or masked answer
@@ -299,10 +323,19 @@ def test_engine_keeps_serving_after_errors(engine):
 STEP_CORPUS = CORPUS[::4]  # 54 schemas, every 4th in the corpus order
 
 
+def _run_corpus(engine, paths) -> Outcome:
+    specs, prompts, params = _corpus_requests(engine, paths)
+    return Outcome(paths, specs, engine.generate(prompts, params), engine)
+
+
 @pytest.fixture(scope="module")
 def step_corpus(step_engine):
-    specs, prompts, params = _corpus_requests(step_engine, STEP_CORPUS)
-    return Outcome(STEP_CORPUS, specs, step_engine.generate(prompts, params), step_engine)
+    return _run_corpus(step_engine, STEP_CORPUS)
+
+
+@pytest.fixture(scope="module")
+def jump_corpus(fp32_engine):
+    return _run_corpus(fp32_engine, STEP_CORPUS)
 
 
 def test_jump_forward_appends_forced_text(engine, corpus):
@@ -313,18 +346,23 @@ def test_jump_forward_appends_forced_text(engine, corpus):
     assert forced >= 0.1 * total, (forced, total)  # keys and punctuation were appended, not decoded
 
 
-def test_jump_forward_keeps_the_greedy_outputs(corpus, step_corpus):
+def test_jump_forward_keeps_the_greedy_outputs(jump_corpus, step_corpus):
     """Jump-forward only saves steps: greedy outputs stay the ones decoded token by token.
 
     It did not when the forced text was appended with its last token: `"a": ` tokenizes to
     '"', 'a', '":', ' ' and SmolLM2, seeing a lone ' ' (its tokenizer writes ' 1' as ' ', '1'),
     answered with numbers: 83 of the 216 corpus outputs changed (`{"name": 1, "ok": 1}` for
     `{"name": "demo", "count": 12, "ok": true}`). RequestGrammars.jump_forward now leaves the
-    last forced token to the model; then all 216 matched.
+    last forced token to the model; then all 216 matched (float32). Both runs use float32 weights:
+    forced text is computed as a chunk, decoded text a row at a time, and in bf16 or with 4-bit
+    weights those round differently (measured with the default 4-bit weights: 41 of these 54
+    outputs identical; the rest differ where two tokens are nearly tied, not in their form).
     """
-    on = corpus.rows[::4]
+    on = jump_corpus.rows
     assert [r["name"] for r in on] == [r["name"] for r in step_corpus.rows]
-    changed = [(a["name"], a["text"][:60], b["text"][:60]) for a, b in zip(step_corpus.rows, on) if a["text"] != b["text"]]
+    changed = [
+        (a["name"], a["text"][:60], b["text"][:60]) for a, b in zip(step_corpus.rows, on) if a["text"] != b["text"]
+    ]
     print(f"\njump-forward on vs off: {len(on) - len(changed)}/{len(on)} identical outputs")
     assert len(changed) <= 0.05 * len(on), changed
 
@@ -336,7 +374,10 @@ def test_regexes_and_choices_without_jump_forward(step_engine):
     params += [{"max_new_tokens": 16, "temperature": 0.0, "choices": c} for _, c in CHOICES]
     outputs = step_engine.generate(prompts, params)
     for name, out in zip(names, outputs):
-        assert out.finish_reason == "stop" and re.fullmatch(REGEXES[name][0], out.text, flags=re.ASCII), (name, out.text)
+        assert out.finish_reason == "stop" and re.fullmatch(REGEXES[name][0], out.text, flags=re.ASCII), (
+            name,
+            out.text,
+        )
     for (_, choices), out in zip(CHOICES, outputs[len(names) :]):
         assert out.text in choices, out.text
 
@@ -354,7 +395,8 @@ def test_jump_forward_stops_at_the_context_limit():
         schema = {"type": "object", "properties": {"k": {"const": "x" * 300}}, "required": ["k"]}
         ids = engine.tokenizer.encode("word " * limit, add_special_tokens=False)[: limit - 10]
         out = engine.generate(
-            input_ids=ids, sampling_params={"max_new_tokens": 200, "temperature": 0.0, "json_schema": json.dumps(schema)}
+            input_ids=ids,
+            sampling_params={"max_new_tokens": 200, "temperature": 0.0, "json_schema": json.dumps(schema)},
         )
     assert len(ids) + len(out.token_ids) <= limit, (len(ids), len(out.token_ids))
     assert out.finish_reason == "length"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from radixrt import _native
 from radixrt.attention import make_attention_backend
 from radixrt.attention.base import ForwardBatch
 from radixrt.attention.native import NativeAttention
@@ -57,6 +58,16 @@ def load_model(
     return model.eval()
 
 
+def resolve_quantization(config: EngineConfig, gguf: Path | None, tp: TensorParallel | None) -> str | None:
+    """What `--quantization` means for this model here: None (float weights), int8, int4 or gguf."""
+    if config.quantization == "gguf" and gguf is None:
+        raise ValueError("--quantization gguf runs a .gguf file's own quantized weights: --model is not one")
+    if config.quantization != "auto":
+        return None if config.quantization == "none" else config.quantization
+    native = config.device == "cpu" and _native.load() is not None
+    return "gguf" if gguf is not None and native and tp is None else None
+
+
 def gguf_source(model: str | None) -> Path | None:
     """The .gguf file a model option names (None: the default model's), or None for a checkpoint folder."""
     if model is None:
@@ -69,10 +80,9 @@ class ModelRunner:
         self.device = config.device
         self.page_size = config.page_size
         gguf = gguf_source(config.model)
-        if config.quantization == "gguf" and gguf is None:
-            raise ValueError("--quantization gguf runs a .gguf file's own quantized weights: --model is not one")
+        self.quantization = resolve_quantization(config, gguf, tp)
         self.dtype = resolve_dtype(config.dtype, model_dir, gguf is not None, config.device)
-        self.model = load_model(model_dir, self.dtype, config.device, tp, config.quantization, gguf)
+        self.model = load_model(model_dir, self.dtype, config.device, tp, self.quantization, gguf)
         self.model_config = self.model.config
         kv_layout = self.model.shard  # this rank's KV heads (all of them without tensor parallelism)
         num_pages = KVPool.pages_for_budget(kv_layout, int(config.kv_memory_gb * 2**30), config.page_size, self.dtype)
