@@ -1,12 +1,13 @@
 """Single-stream latency: decode and prefill speed of one request, per dtype / quantization, beside llama.cpp.
 
     python bench/latency.py                              # every configuration below, default model
-    python bench/latency.py --configs auto,int4 --quick  # a subset, fewer repeats
+    python bench/latency.py --configs default,bf16 --quick  # a subset, fewer repeats
     python bench/latency.py --llama-bench ~/llama.cpp/build/bin/llama-bench
 
-For each radixrt configuration (the default `auto` dtype, which is bf16 on a CPU with AVX512_BF16;
-float32; int8 and int4 weights requantized from bf16; `gguf`: the GGUF's own 4-bit weights) it
-measures, through the in-process Engine (what a DSL program or an agent loop sees):
+For each radixrt configuration (the default: bf16 compute on a CPU with AVX512_BF16 and the GGUF's
+own 4-bit weights; bf16 weights, with the fused decoder and op by op from Python; float32; int8 and
+int4 weights requantized from bf16) it measures, through the in-process Engine (what a DSL program
+or an agent loop sees):
   - decode tok/s at batch 1 (streamed, from the first token to the 128th), 8 and 32;
   - prefill tok/s of a 512-token prompt with the cache off, and TTFT of a 2,000-token prompt whose
     first 1,984 tokens are cached;
@@ -32,11 +33,12 @@ from radixrt import Engine
 from radixrt.model.loader import default_gguf_path
 
 CONFIGS = {  # name -> Engine options
-    "auto": {},
-    "float32": {"dtype": "float32"},
+    "default": {},  # dtype auto (bf16 here) + quantization auto (the GGUF's own 4-bit weights)
+    "bf16": {"quantization": "none"},
+    "bf16-eager": {"quantization": "none", "disable_fused_decoder": True},  # the forward op by op from Python
+    "float32": {"dtype": "float32", "quantization": "none"},
     "int8": {"quantization": "int8"},
     "int4": {"quantization": "int4"},
-    "gguf": {"quantization": "gguf"},
 }
 PROMPT = "Write a long, detailed story about a lighthouse keeper and the sea. " * 8
 
@@ -141,6 +143,7 @@ def main() -> None:
         best["weight_mb"] = weight_bytes(engine) / 2**20
         best["decode_b1_gbs"] = best["weight_mb"] * 2**20 * best["decode_b1"] / 1e9
         best["fused_decoder"] = engine.worker.runner.fused is not None
+        best["quantization"] = engine.worker.runner.quantization or "none"
         results[name] = best
         rows.append({"config": name, **{k: v for k, v in best.items() if k != "fused_decoder"}})
         engine.shutdown()
@@ -148,7 +151,7 @@ def main() -> None:
     if args.llama_bench:
         peer = llama_bench(args.llama_bench, str(default_gguf_path()), repeats)
         rows.append({"config": "llama.cpp (llama-bench)", "decode_b1": peer["tg128"], "prefill_512": peer["pp512"]})
-    columns = ["config", "dtype", "weight_mb", "decode_b1", "decode_b1_gbs", "decode_b8", "decode_b32",
+    columns = ["config", "dtype", "quantization", "weight_mb", "decode_b1", "decode_b1_gbs", "decode_b8", "decode_b32",
                "prefill_512", "ttft_cached_2000_ms"]  # fmt: skip
     print(f"\nmachine read bandwidth: {bandwidth:.1f} GB/s (sum over 512 MB)\n")
     print(table(rows, columns))

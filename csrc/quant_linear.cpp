@@ -417,7 +417,9 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   const int64_t K = x.size(-1);
   const at::Tensor x2 = x.reshape({-1, K});
   at::Tensor out;
-  if (x2.size(0) >= dequantize_min_rows) {
+  if (x2.size(0) == 0) {  // no rows (a prefill chunk whose logits nobody needs): nothing to compute
+    out = at::empty({0, n}, x.options());
+  } else if (x2.size(0) >= dequantize_min_rows) {
     out = dequantize_matmul(x2, qweight, scales, offsets, n, bits, group_size, simd);
   } else {
     out = quant_matmul(x2, qweight, scales, offsets, n, bits, group_size, simd);

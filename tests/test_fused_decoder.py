@@ -115,3 +115,11 @@ def test_engine_greedy_is_the_same_with_the_fused_decoder(tiny_checkpoints, ops,
             assert (engine.worker.runner.fused is None) == disable
             outputs.append([o.token_ids for o in engine.generate(input_ids=prompts, sampling_params=params)])
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_prefill_chunks_that_sample_nothing(tiny_checkpoints, ops, method):
+    """A 25-token prompt in chunks of 8: the first chunks need no logits rows (the LM head gets 0 rows)."""
+    with Engine(str(tiny_checkpoints["llama-tied"]), page_size=PAGE, chunked_prefill_size=8, quantization=method) as e:
+        out = e.generate(input_ids=list(range(20, 45)), sampling_params={"max_new_tokens": 4, "temperature": 0})
+    assert len(out.token_ids) == 4

@@ -347,3 +347,11 @@ def test_default_model_from_gguf_matches_float_model():
     spread = (expected.max() - expected.min()).item()
     assert (got - expected).abs().max().item() <= 0.02 * spread
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_no_rows_give_an_empty_result(method):
+    """A prefill chunk that samples nothing asks the LM head for 0 rows (it crashed the process once)."""
+    weight = torch.randn(64, 128)
+    layer = QuantLinear(quantize_int8(weight) if method == "int8" else quantize_int4(weight), dtype=torch.bfloat16)
+    assert layer(torch.empty(0, 128, dtype=torch.bfloat16)).shape == (0, 64)
