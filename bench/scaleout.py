@@ -1,6 +1,7 @@
-"""Scaling out: tensor parallelism (`tp`) against one process, on this machine's cores.
+"""Scaling out on this machine's cores: tensor parallelism (`tp`), data parallelism behind sglang-router (`dp`).
 
     python bench/scaleout.py tp [--batches 1,8] [--steps 20] [--rounds 3]
+    nice python bench/scaleout.py dp [--quick] [--concurrency 8] [--max-tokens 48] [--model PATH]
 
 `tp`: the decode step time of a `ModelRunner` (rank 0 in this process, as the worker runs it) at
 tp=2, one torch thread per rank, against tp=1 with all the threads, eager (the forward tp=2 runs)
@@ -10,14 +11,25 @@ vocabulary 49,152, bf16) with 8 heads of 72 and 2 KV heads instead of 9 of 64 an
 not split over 2 ranks. Every sequence has `--context` tokens of KV; a step decodes one token each.
 On a CPU the ranks share one memory bus, and each step adds 2 + 2 x layers + 1 collectives over
 loopback gloo: this measures the plumbing, not a speed-up (that needs one GPU per rank).
+
+`dp`: `radixrt serve --dp 2` (two replicas, one thread each, behind sglang-router) with the router's
+`cache_aware` policy against `round_robin`, and against one replica with both threads (`--dp 1`), on
+bench/serve.py's multi-turn chat and few-shot workloads and load generator (streamed requests, fixed
+output length). The hit rate is the share of prompt tokens the replicas found in their caches: each
+replica has its own, so it is the router's policy that decides whether a conversation's next turn
+finds its history. Each setup is a fresh server on the default model (`--model` for another).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -125,23 +137,87 @@ def tp_section(args) -> list[dict]:
     return rows
 
 
+DP_SETUPS = {  # name -> `radixrt serve` flags; every setup gets the same --threads in all
+    "dp=2 cache_aware": ["--dp", "2", "--router-policy", "cache_aware"],
+    "dp=2 round_robin": ["--dp", "2", "--router-policy", "round_robin"],
+    "dp=1": [],
+}
+DP_WORKLOADS = ("multi-turn-chat", "few-shot")
+DP_COLUMNS = ["workload", "setup", "requests", "hit rate", "output tok/s", "TTFT p50 ms", "TTFT p99 ms"]
+
+
+def start_server(flags: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`radixrt serve` on a free port; returns once it prints that it serves (after the router, with --dp)."""
+    from radixrt.server.data_parallel import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "radixrt.cli", "serve", "--port", str(port), *flags]
+    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+                            env=dict(os.environ, RADIXRT_API_KEY=""))  # fmt: skip
+    ready = re.compile(rf"radixrt: serving .* on http://127\.0\.0\.1:{port}\b")
+    deadline = time.monotonic() + 900
+    while not ready.search(log_path.read_text()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the server did not start; see {log_path}")
+        time.sleep(0.5)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def dp_section(args) -> list[dict]:
+    import serve as serve_bench  # bench/serve.py: the workloads, the load generator, the summary
+
+    rows = []
+    for setup, flags in DP_SETUPS.items():
+        flags = [*flags, "--num-threads", str(args.threads), *(["--model", args.model] if args.model else [])]
+        log_path = Path(tempfile.gettempdir()) / "radixrt-bench-scaleout-dp.log"
+        proc, url = start_server(flags, log_path)
+        try:
+            load = serve_bench.Load(args.concurrency, max_tokens=args.max_tokens)
+            target = serve_bench.HttpTarget(setup, url)
+            summaries = asyncio.run(serve_bench._with_close(target, list(DP_WORKLOADS), load, args))
+        finally:
+            serve_bench.stop_server(proc)
+        rows += [{"workload": r["workload"], "setup": setup, "requests": r["requests"],
+                  "hit rate": r["cached_frac"], "output tok/s": r["output_tok_s"],
+                  "TTFT p50 ms": r["ttft_p50_ms"], "TTFT p99 ms": r["ttft_p99_ms"]} for r in summaries]  # fmt: skip
+    hit = {(r["workload"], r["setup"]): 100 * r["hit rate"] for r in rows}
+    aware, rr, one = (hit["multi-turn-chat", s] for s in DP_SETUPS)
+    print(f"multi-turn hit rate: cache_aware {aware:.1f}% vs round_robin {rr:.1f}% ({aware - rr:+.1f} points; "
+          f"target >= +20) and dp=1 {one:.1f}% ({aware - one:+.1f} points; target within 5)")  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", choices=["tp"])
-    parser.add_argument("--batches", default="1,8", type=lambda s: [int(b) for b in s.split(",")])
-    parser.add_argument("--context", type=int, default=256, help="KV tokens per sequence")
-    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per point (median)")
-    parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds; each point's best is kept")
+    parser.add_argument("section", choices=["tp", "dp"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in all")
+    tp = parser.add_argument_group("tp")
+    tp.add_argument("--batches", default="1,8", type=lambda s: [int(b) for b in s.split(",")])
+    tp.add_argument("--context", type=int, default=256, help="KV tokens per sequence")
+    tp.add_argument("--steps", type=int, default=20, help="timed decode steps per point (median)")
+    tp.add_argument("--rounds", type=int, default=3, help="round-robin rounds; each point's best is kept")
+    dp = parser.add_argument_group("dp")
+    dp.add_argument("--quick", action="store_true", help="bench/serve.py's small workloads")
+    dp.add_argument("--concurrency", type=int, default=8, help="clients (default: %(default)s)")
+    dp.add_argument("--max-tokens", type=int, default=48, help="output tokens per request (default: %(default)s)")
+    dp.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
+    dp.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    rows = tp_section(args)
-    columns = ["model", "setup", "threads per rank", "batch", "step ms", "best ms", "tok/s"]
+    if args.section == "tp":
+        rows = tp_section(args)
+        columns = ["model", "setup", "threads per rank", "batch", "step ms", "best ms", "tok/s"]
+        settings = {"context": args.context, "steps": args.steps, "rounds": args.rounds}
+    else:
+        rows = dp_section(args)
+        columns = DP_COLUMNS
+        settings = {"threads": args.threads, "quick": args.quick, "concurrency": args.concurrency,
+                    "max_tokens": args.max_tokens, "model": args.model}  # fmt: skip
     print(table(rows, columns))
     previous = RESULTS_DIR / "scaleout.json"  # keep the other sections' results
     sections = json.loads(previous.read_text()) if previous.is_file() else {}
     sections.pop("machine", None)
-    sections["tp"] = {"context": args.context, "steps": args.steps, "rounds": args.rounds,
-                      "load_average": os.getloadavg(), "rows": rows}  # fmt: skip
+    sections[args.section] = {**settings, "load_average": os.getloadavg(), "rows": rows}
     print(f"wrote {save('scaleout', sections)}")
 
 

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from radixrt.server.data_parallel import add_data_parallel_args
 from radixrt.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-stop-chars", type=int, default=d.max_stop_chars, help="characters per stop string (default: %(default)s)"
     )
+    add_data_parallel_args(parser)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -125,6 +127,14 @@ def serve(args: argparse.Namespace) -> int:
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
+    if args.dp_size > 1:  # this server's replicas behind sglang-router (server/data_parallel.py)
+        from radixrt.engine_args import add_engine_args
+        from radixrt.server.data_parallel import serve_data_parallel
+
+        parser = argparse.ArgumentParser()
+        add_server_args(parser)
+        add_engine_args(parser)
+        return serve_data_parallel(args, parser)
     fatal = []
 
     def on_fatal() -> None:
