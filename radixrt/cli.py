@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import sys
+from typing import NoReturn
 
 from radixrt.engine_args import add_engine_args, engine_config
 from radixrt.server.launch import add_server_args
@@ -91,20 +93,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(script), *flags])
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line that names the flag and, for an unknown one, the
+    nearest flag this command has (a user coming from SGLang types SGLang's names)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            flags = [a for a in extra if a.startswith("-")]
+            command = self._command_parser(parsed)
+            if not flags:
+                command.error(f"unexpected argument {extra[0]!r}")
+            known = [s for a in command._actions for s in a.option_strings]
+            close = difflib.get_close_matches(flags[0].split("=")[0], known, 1, 0.6)
+            hint = f" (did you mean {close[0]}?)" if close else f"; see {command.prog} --help"
+            command.error(f"unknown flag {flags[0]}{hint}")
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action.choices.get(getattr(parsed, action.dest, None), self)
+        return self
+
+
+def add_log_level(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """--log-level before or after the command (SGLang takes it among the server's flags)."""
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        default=default,
+        help="logging level, any case (default: WARNING)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="radixrt", description="A prefix-caching LLM runtime for agent programs.")
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default: %(default)s)")
+    parser = FlagParser(prog="radixrt", description="A prefix-caching LLM runtime for agent programs.")
+    add_log_level(parser, "WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate a reply to one prompt and exit")
     gen.add_argument("prompt", help="the user message (or raw prompt with --raw)")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    add_log_level(gen)
     add_sampling_args(gen)
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat, streaming")
     chat.add_argument("--system", default=None, help="system prompt")
+    add_log_level(chat)
     add_sampling_args(chat)
     add_engine_args(chat)
     chat.set_defaults(func=cmd_chat)
@@ -116,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default: 127.0.0.1:30000)")
+    add_log_level(serve)
     add_server_args(serve)
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
@@ -125,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except ValueError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 
 from radixrt.attention import BACKENDS as ATTENTION_BACKENDS
@@ -13,7 +14,16 @@ from radixrt.scheduler.policy import POLICIES
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")
 
-ALIASES = {"tp": "tp_size", "tensor_parallel_size": "tp_size"}  # keyword -> field, as the CLI flags spell it
+# keyword -> field, as the CLI flags spell them: SGLang's and vLLM's names for what we support.
+ALIASES = {
+    "tp": "tp_size",
+    "tensor_parallel_size": "tp_size",
+    "model_path": "model",
+    "context_length": "max_context_len",
+    "max_model_len": "max_context_len",
+    "random_seed": "seed",
+}
+
 
 
 @dataclass
@@ -23,10 +33,14 @@ class EngineConfig:
     device: str = "cpu"
     page_size: int = 16
     kv_memory_gb: float = 1.0  # K+V page pool budget
+    # SGLang's sizing instead: this fraction of the memory free before loading holds the weights and
+    # the KV pool (kv_budget.py: available RAM on a CPU, free GPU memory on CUDA); overrides kv_memory_gb.
+    mem_fraction_static: float | None = None
     max_total_tokens: int | None = None  # cap the pool at this many tokens (SGLang's name); None: kv_memory_gb decides
     max_running_requests: int = 64
     chunked_prefill_size: int = 512  # prefill tokens per step (decode tokens ride along)
     max_context_len: int | None = None  # default: the model's max_position_embeddings
+    chat_template: str | None = None  # a Jinja file or a built-in name (frontend/chat_template.py); None: the model's
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
     starvation_timeout_s: float = 10.0  # a waiting request older than this jumps the policy order
@@ -56,6 +70,8 @@ class EngineConfig:
             raise ValueError(f"grammar_compile_timeout_s must be > 0 (got {self.grammar_compile_timeout_s})")
         if self.kv_memory_gb <= 0:
             raise ValueError(f"kv_memory_gb must be > 0 (got {self.kv_memory_gb})")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
+            raise ValueError(f"mem_fraction_static must be in (0, 1] (got {self.mem_fraction_static})")
         if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
             raise ValueError(f"max_total_tokens must be >= page_size (got {self.max_total_tokens})")
         if self.kv_disk_gb <= 0:
@@ -84,10 +100,20 @@ class EngineConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
-        """Build from keyword arguments, naming any unknown one; SGLang's and vLLM's names for tp_size work too."""
-        kwargs = {ALIASES.get(key, key): value for key, value in kwargs.items()}
+        """Build from keyword arguments, naming any unknown one; SGLang's and vLLM's names (ALIASES) work too."""
+        fields: dict = {}
+        for key, value in kwargs.items():
+            name = ALIASES.get(key, key)
+            if value is None and name in fields:
+                continue  # Engine(model=None, model_path="...")
+            if fields.get(name) is not None and fields[name] != value:
+                raise ValueError(f"engine option {name} given twice with different values (as {key} too)")
+            fields[name] = value
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - names)
+        unknown = sorted(set(fields) - names)
         if unknown:
-            raise ValueError(f"unknown engine option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        return cls(**kwargs)
+            known = names | set(ALIASES)
+            hints = [f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(u, known, 1)) else u
+                     for u in unknown]  # fmt: skip
+            raise ValueError(f"unknown engine option(s): {', '.join(hints)}; known: {', '.join(sorted(names))}")
+        return cls(**fields)

@@ -3,6 +3,11 @@
 The worker runs inline on one background thread that steps while there is work, so
 calls from many threads (a DSL `run_batch`, fork branches) are batched together. Callers
 talk to it with the same typed messages the ZMQ worker process uses.
+
+For SGLang's users: `Engine(model_path=..., context_length=..., mem_fraction_static=...,
+random_seed=..., log_level=...)` takes SGLang's argument names for what radixrt supports, a
+`sampling_params` dict may carry `n`, and a `RequestOutput` reads like SGLang's dict
+(`out["text"]`, `out["meta_info"]["completion_tokens"]`).
 """
 
 from __future__ import annotations
@@ -17,13 +22,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from radixrt import ipc
 from radixrt.config import EngineConfig
-from radixrt.frontend.chat_template import render_chat
+from radixrt.frontend.chat_template import load_chat_template, render_chat
+from radixrt.frontend.detokenizer import StopRules
 from radixrt.frontend.errors import RequestError
 from radixrt.frontend.output import Collected, Delta, OutputStream, Usage
 from radixrt.ipc import TopLogprobs
-from radixrt.model.loader import load_tokenizer
+from radixrt.kv_budget import resolve_kv_budget
+from radixrt.model.loader import load_tokenizer, resolve_model_path
 from radixrt.request import prompt_error
 from radixrt.sampling_params import SamplingParams
 from radixrt.worker.process import WorkerProcessClient
@@ -48,6 +57,46 @@ class RequestOutput:
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[TopLogprobs] | None = None
     ttft: float | None = None  # seconds from submission to the first generated token
+    e2e_latency: float | None = None  # seconds from submission to the last token
+    matched_stop: int | str | None = None  # the stop token id, stop string or stop regex that ended it
+    rid: str = ""
+
+    # SGLang's Engine.generate returns {"text", "output_ids", "meta_info"}: the same reads work here.
+    KEYS = ("text", "output_ids", "meta_info")
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.KEYS:
+            raise KeyError(f"{key!r}: a RequestOutput reads as SGLang's dict with keys {', '.join(self.KEYS)}")
+        return {"text": self.text, "output_ids": self.token_ids, "meta_info": self.meta_info}[key]
+
+    def keys(self) -> tuple[str, ...]:
+        return self.KEYS
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.KEYS
+
+    @property
+    def meta_info(self) -> dict[str, Any]:
+        """SGLang's meta_info: usage, finish reason (as a dict), latency, and log-probs when asked for."""
+        reason: dict[str, Any] = {"type": self.finish_reason}
+        if self.finish_reason == "length":
+            reason["length"] = self.usage.completion_tokens
+        elif self.finish_reason == "stop":
+            reason["matched"] = self.matched_stop
+        meta: dict[str, Any] = {
+            "id": self.rid,
+            "finish_reason": reason,
+            "prompt_tokens": self.usage.prompt_tokens,
+            "completion_tokens": self.usage.completion_tokens,
+            "cached_tokens": self.usage.cached_tokens,
+            "e2e_latency": self.e2e_latency,
+        }
+        if self.logprobs is not None:
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(self.logprobs, self.token_ids)]
+            meta["output_top_logprobs"] = [[[lp, t, None] for t, lp in top] for top in self.top_logprobs or []]
+        if self.prompt_logprobs is not None:
+            meta["input_token_logprobs"] = [[lp, t, None] for lp, t in zip(self.prompt_logprobs, self.prompt_token_ids)]
+        return meta
 
 
 class EngineDeadError(RuntimeError):
@@ -61,13 +110,21 @@ class Engine:
     server uses (`radixrt.worker_process`); by default it runs inline on the loop thread.
     """
 
-    def __init__(self, model: str | None = None, worker_process: bool = False, **config: Any) -> None:
-        self.config = EngineConfig.from_kwargs(model=model, **config)
+    def __init__(
+        self, model: str | None = None, worker_process: bool = False, log_level: str | None = None, **config: Any
+    ) -> None:
+        if log_level is not None:  # SGLang's Engine(log_level="error"): radixrt's own loggers
+            logging.getLogger("radixrt").setLevel(log_level.upper())
+        config = EngineConfig.from_kwargs(model=model, **config)
+        template = load_chat_template(config.chat_template) if config.chat_template else None
+        self.config = resolve_kv_budget(config, resolve_model_path(config.model))
         if worker_process:
             self.worker = WorkerProcessClient(self.config)
         else:
             self.worker = Worker(self.config)
         self.tokenizer = load_tokenizer(self.worker.model_dir)
+        if template is not None:
+            self.tokenizer.chat_template = template
         self.max_context = self.worker.max_context
         self._inbox: queue.Queue[tuple[ipc.ToWorker, Future | None]] = queue.Queue()
         self._streams: dict[str, queue.Queue[ipc.ReqOutput]] = {}
@@ -86,14 +143,18 @@ class Engine:
         sampling_params: SamplingParams | dict | list | None = None,
         input_ids: list[int] | list[list[int]] | None = None,
     ) -> RequestOutput | list[RequestOutput]:
-        """Generate for one prompt (returns one output) or a list (returns a list, in order)."""
+        """Generate for one prompt (returns one output) or a list (returns a list, in order). With `n`
+        in a sampling_params dict, each prompt gets n samples (seed + j for sample j when seeded),
+        and the answer is the flat list, prompt by prompt, as SGLang's."""
         prompts, single = self._normalize_prompts(prompt, input_ids)
-        params = self._params_per_prompt(sampling_params, len(prompts))
+        samples = self._params_per_prompt(sampling_params, len(prompts))
         # Validate everything before submitting anything, so a bad prompt fails the call cleanly.
-        encoded = [self._encode(p) for p in prompts]
+        encoded = [ids for p, ps in zip(prompts, samples) for ids in [self._encode(p)] * len(ps)]
+        params = [sp for ps in samples for sp in ps]
+        stops = [self._stops(sp) for sp in params]
         pending = [self._submit(ids, sp) for ids, sp in zip(encoded, params)]
-        outputs = [self._collect(rid, q, ids, sp) for (rid, q), ids, sp in zip(pending, encoded, params)]
-        return outputs[0] if single else outputs
+        outputs = [self._collect(*p, ids, sp, s) for p, ids, sp, s in zip(pending, encoded, params, stops)]
+        return outputs[0] if single and len(outputs) == 1 else outputs
 
     def generate_stream(
         self, prompt: Prompt | None = None, sampling_params: SamplingParams | dict | None = None, input_ids=None
@@ -104,7 +165,8 @@ class Engine:
         if len(prompts) != 1:
             raise ValueError("generate_stream takes a single prompt")
         params = SamplingParams.from_any(sampling_params)
-        yield from self._deltas(*self._submit(self._encode(prompts[0]), params), params)
+        stops = self._stops(params)
+        yield from self._deltas(*self._submit(self._encode(prompts[0]), params), params, stops)
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | dict | None = None) -> RequestOutput:
         """Apply the model's chat template and generate the assistant's reply."""
@@ -158,12 +220,18 @@ class Engine:
         raise ValueError("prompt must be a string, a list of token ids, or a list of those")
 
     @staticmethod
-    def _params_per_prompt(sampling_params, n: int) -> list[SamplingParams]:
+    def _params_per_prompt(sampling_params, count: int) -> list[list[SamplingParams]]:
+        """Each prompt's samples' params."""
         if isinstance(sampling_params, list):
-            if len(sampling_params) != n:
-                raise ValueError(f"got {len(sampling_params)} sampling_params for {n} prompts")
-            return [SamplingParams.from_any(p) for p in sampling_params]
-        return [SamplingParams.from_any(sampling_params)] * n
+            if len(sampling_params) != count:
+                raise ValueError(f"got {len(sampling_params)} sampling_params for {count} prompts")
+            return [_samples(p) for p in sampling_params]
+        return [_samples(sampling_params)] * count
+
+    def _stops(self, params: SamplingParams) -> StopRules:
+        """The params' stop rules, checked (with their token ids) before the request is sent."""
+        params.check_vocab(self.worker.model_config.vocab_size)
+        return StopRules.build(params)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -193,16 +261,19 @@ class Engine:
             except queue.Empty:
                 self._check_alive()
 
-    def _deltas(self, rid: str, q: queue.Queue, params: SamplingParams) -> Iterator[Delta]:
+    def _deltas(self, rid: str, q: queue.Queue, params: SamplingParams, stops: StopRules) -> Iterator[Delta]:
         """The request's Deltas, from the worker's outputs on its queue."""
-        stream = OutputStream(self.tokenizer, params)
+        stream = OutputStream(self.tokenizer, params, stops)
         finished = False
         try:
             while not finished:
+                out = self._next(rid, q)
                 try:
-                    delta = stream.add(self._next(rid, q))
+                    delta = stream.add(out)
                 except RequestError:
-                    finished = True  # the worker already dropped it
+                    finished = True
+                    if not out.finished:  # a stop regex that failed to match in time: the worker still runs it
+                        self.abort(rid)
                     raise
                 if delta is None:
                     continue
@@ -217,10 +288,12 @@ class Engine:
             self._streams.pop(rid, None)
             self._submitted.pop(rid, None)
 
-    def _collect(self, rid: str, q: queue.Queue, prompt_ids: list[int], params: SamplingParams) -> RequestOutput:
+    def _collect(
+        self, rid: str, q: queue.Queue, prompt_ids: list[int], params: SamplingParams, stops: StopRules
+    ) -> RequestOutput:
         submitted = self._submitted[rid]
         out, ttft = Collected(), None
-        for delta in self._deltas(rid, q, params):
+        for delta in self._deltas(rid, q, params, stops):
             if ttft is None and delta.token_ids:
                 ttft = time.perf_counter() - submitted
             out.add(delta)
@@ -236,6 +309,9 @@ class Engine:
             prompt_logprobs=last.prompt_logprobs,
             prompt_top_logprobs=last.prompt_top_logprobs,
             ttft=ttft,
+            e2e_latency=time.perf_counter() - submitted,
+            matched_stop=last.matched_stop,
+            rid=rid,
         )
 
     # ----- the worker thread -------------------------------------------------------------
@@ -276,3 +352,17 @@ class Engine:
             self._dead = exc
             for rid, stream in list(self._streams.items()):
                 stream.put(ipc.ReqOutput(rid, [], True, "error", error=f"worker crashed: {exc!r}"))
+
+
+def _samples(value: SamplingParams | dict | None) -> list[SamplingParams]:
+    """One prompt's samples: `n` of them for a dict with SGLang's `n` (sample j seeded seed + j)."""
+    if not isinstance(value, dict) or "n" not in value:
+        return [SamplingParams.from_any(value)]
+    value = dict(value)
+    n = value.pop("n")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"sampling_params.n must be an integer >= 1 (got {n!r})")
+    params = SamplingParams.from_any(value)
+    if params.seed is None:
+        return [params] * n
+    return [msgspec.structs.replace(params, seed=(params.seed + j + 2**63) % 2**64 - 2**63) for j in range(n)]

@@ -7,25 +7,46 @@ import argparse
 import dataclasses
 
 from radixrt.config import ATTENTION_BACKENDS, GRAMMAR_BACKENDS, POLICIES, QUANTIZATIONS, EngineConfig
+from radixrt.frontend.chat_template import BUILTIN_TEMPLATES
 from radixrt.runner.dtype import DTYPE_CHOICES
+
+DTYPE_ALIASES = {"float": "float32"}  # SGLang's and vLLM's spelling
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every command that loads a model; each maps onto an EngineConfig field."""
     d = EngineConfig()
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="HF checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    g.add_argument(
+        "--model",
+        "--model-path",
+        dest="model",
+        default=None,
+        help="HF checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)",
+    )
     g.add_argument(
         "--dtype",
         default=d.dtype,
+        type=lambda name: DTYPE_ALIASES.get(name, name),
         choices=DTYPE_CHOICES,
         help="weights, activations and KV; auto: bfloat16 where the CPU has AVX512_BF16/AMX or on CUDA, "
-        "float32 for float32 checkpoints and elsewhere (default: %(default)s)",
+        "float32 for float32 checkpoints and elsewhere; SGLang's 'float' means float32 (default: %(default)s)",
     )
     g.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda (default: %(default)s)")
     g.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page (default: %(default)s)")
     g.add_argument(
-        "--kv-memory-gb", type=float, default=d.kv_memory_gb, help="KV page pool budget in GiB (default: %(default)s)"
+        "--kv-memory-gb",
+        type=float,
+        default=d.kv_memory_gb,
+        help="KV page pool budget in GiB; --mem-fraction-static replaces it (default: %(default)s)",
+    )
+    g.add_argument(
+        "--mem-fraction-static",
+        type=float,
+        default=None,
+        help="SGLang's sizing: this fraction of the memory free at start (available RAM on a CPU, free GPU "
+        "memory on CUDA) holds the weights plus the KV pool, which gets what the weights leave; it replaces "
+        "--kv-memory-gb, and --max-total-tokens still caps it (default: unset, --kv-memory-gb decides)",
     )
     g.add_argument(
         "--max-total-tokens",
@@ -43,7 +64,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="prefill tokens per step (default: %(default)s)",
     )
     g.add_argument(
-        "--max-context-len", type=int, default=None, help="cap on prompt + output tokens (default: the model's)"
+        "--max-context-len",
+        "--context-length",
+        "--max-model-len",
+        dest="max_context_len",
+        type=int,
+        default=None,
+        help="cap on prompt + output tokens (default: the model's)",
+    )
+    g.add_argument(
+        "--chat-template",
+        default=None,
+        help=f"a Jinja chat template file, or a built-in name ({', '.join(BUILTIN_TEMPLATES)}), instead of "
+        "the model's own (default: the model's)",
     )
     g.add_argument(
         "--schedule-policy",
@@ -120,9 +153,24 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=d.tp_size,
         help="tensor-parallel ranks, one process each; --num-threads is split between them (default: %(default)s)",
     )
-    g.add_argument("--seed", type=int, default=d.seed, help="global random seed (default: %(default)s)")
+    g.add_argument(
+        "--seed", "--random-seed", dest="seed", type=int, default=d.seed, help="random seed (default: %(default)s)"
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     names = {f.name for f in dataclasses.fields(EngineConfig)}
     return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def check_engine_config(config: EngineConfig) -> None:
+    """Raise ValueError for what the flags name but cannot be used: a --chat-template that is no
+    template, a --mem-fraction-static that leaves the KV pool nothing (kv_budget.py)."""
+    from radixrt.frontend.chat_template import load_chat_template
+    from radixrt.kv_budget import resolve_kv_budget
+    from radixrt.model.loader import resolve_model_path
+
+    if config.chat_template:
+        load_chat_template(config.chat_template)
+    if config.mem_fraction_static is not None:
+        resolve_kv_budget(config, resolve_model_path(config.model))

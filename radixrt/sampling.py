@@ -6,6 +6,7 @@ order, each stage skipped when no row in the batch asked for it:
 
     raw logits [B, V] ──────────────────────────► logprobs (log_softmax of raw)
       1. grammar mask      (allowed == False -> -inf)
+      1b. logit_bias       (OpenAI: bias added to the token's logit; a masked token stays -inf)
       2. min_new_tokens    (eos ids + stop_token_ids -> -inf while len(output) < min_new_tokens)
       3. repetition pen.   (HF: over prompt + output; seen logit > 0 -> / p, < 0 -> * p)
       4. freq / presence   (OpenAI: over output only; logit -= f * count + p * (count > 0))
@@ -64,6 +65,8 @@ class SamplingBatch:
     out_pairs: tuple[torch.Tensor, torch.Tensor] | None  # (rows, ids) seen in the output
     out_amounts: torch.Tensor | None  # [N] frequency * count + presence, subtracted from the logit
     min_tokens_pairs: tuple[torch.Tensor, torch.Tensor] | None  # (rows, ids) masked by min_new_tokens
+    bias_pairs: tuple[torch.Tensor, torch.Tensor] | None  # (rows, ids) with a logit_bias
+    bias_values: torch.Tensor | None  # [N] the bias added to each pair's logit
     seeded: list[tuple[int, torch.Generator]]  # sampled (non-greedy) rows with their own generator
     all_greedy: bool
     any_greedy: bool
@@ -127,6 +130,16 @@ class SamplingBatch:
                 mt_rows += [i] * len(ids)
                 mt_ids += ids
 
+        bias_rows: list[int] = []
+        bias_ids: list[int] = []
+        bias_values: list[float] = []
+        for i, p in enumerate(params):
+            for t, v in (p.logit_bias or {}).items():
+                if t < V:  # the front end refuses ids past the vocabulary; never index past it here
+                    bias_rows.append(i)
+                    bias_ids.append(t)
+                    bias_values.append(v)
+
         active_ks = [top_ks[i] for i in sampled if top_ks[i] < V]
         return cls(
             vocab_size=V,
@@ -140,6 +153,8 @@ class SamplingBatch:
             out_pairs=out_pairs,
             out_amounts=out_amounts,
             min_tokens_pairs=(i64(mt_rows), i64(mt_ids)) if mt_rows else None,
+            bias_pairs=(i64(bias_rows), i64(bias_ids)) if bias_rows else None,
+            bias_values=f32(bias_values) if bias_rows else None,
             seeded=[(i, generators[i]) for i in sampled if generators[i] is not None],
             all_greedy=not sampled,
             any_greedy=any(greedy),
@@ -183,6 +198,9 @@ def sample(
         x = x.clone() if x is raw else x
         apply_bitmask(x, bitmask, bitmask_rows)
     constrained = allowed is not None or bitmask is not None
+    if batch.bias_pairs is not None:
+        x = x.clone() if x is raw else x
+        x[batch.bias_pairs] += batch.bias_values
     if batch.any_min_tokens or batch.any_penalty:
         x = x.clone() if x is raw else x
         if batch.any_min_tokens:

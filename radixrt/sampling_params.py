@@ -17,6 +17,17 @@ import msgspec
 MIN_TEMPERATURE = 1e-5
 MAX_SALT_CHARS = 1024
 _SALT_RULE = f"must be a non-empty string of at most {MAX_SALT_CHARS} characters"
+# logit_bias: OpenAI's range per token; the count bounds the per-step work (one scatter-add per entry).
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_TOKENS = 1024
+# stop_regex is matched on the last STOP_REGEX_WINDOW characters of the output (a longer match is not
+# found), and a request whose patterns take longer than STOP_REGEX_BUDGET_S per new piece of text to
+# match (catastrophic backtracking) fails instead of holding the front end; sane patterns take
+# microseconds, and the margin covers a busy machine preempting the front end mid-search.
+STOP_REGEX_WINDOW = 1024
+STOP_REGEX_BUDGET_S = 0.02
+# Other engines' names for these fields, accepted in a sampling_params dict (SGLang: no_stop_trim, sampling_seed).
+FIELD_ALIASES = {"no_stop_trim": "include_stop_str_in_output", "sampling_seed": "seed"}
 
 
 class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -34,8 +45,12 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     seed: int | None = None
     stop: list[str] = msgspec.field(default_factory=list)
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    stop_regex: list[str] = msgspec.field(default_factory=list)  # matched in the front end (frontend/stop_regex.py)
+    include_stop_str_in_output: bool = False  # keep the matched stop string (or regex match) in the text
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # token id -> added to its logit before sampling (OpenAI's logit_bias; -100 bans, +100 forces in practice)
+    logit_bias: dict[int, float] | None = None
     # Log probabilities: of each generated token (+ `top_logprobs` alternatives), and of the prompt.
     logprobs: bool = False
     top_logprobs: int = 0
@@ -110,6 +125,19 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _check(0 <= self.top_logprobs <= 20, "top_logprobs", "must be in [0, 20]", self.top_logprobs)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be >= 0", self.stop_token_ids)
+        _check(all(isinstance(s, str) and s for s in self.stop_regex), "stop_regex", "must be non-empty",
+               self.stop_regex)  # fmt: skip
+        if self.logit_bias is not None:
+            bias = self.logit_bias
+            most = f"takes {MAX_LOGIT_BIAS_TOKENS} tokens at most"
+            _check(len(bias) <= MAX_LOGIT_BIAS_TOKENS, "logit_bias", most, len(bias))
+            _check(all(t >= 0 for t in bias), "logit_bias", "keys must be token ids >= 0", sorted(bias)[:3])
+            _check(
+                all(_finite(v) and abs(v) <= MAX_LOGIT_BIAS for v in bias.values()),
+                "logit_bias",
+                f"values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]",
+                bias,
+            )
         constraints = [k for k in ("json_schema", "regex", "ebnf", "choices") if getattr(self, k) is not None]
         _check(len(constraints) <= 1, "json_schema", "at most one of json_schema, regex, ebnf, choices", constraints)
         if self.choices is not None:
@@ -118,15 +146,28 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             _check(0 < len(self.cache_salt) <= MAX_SALT_CHARS, "cache_salt", _SALT_RULE, self.cache_salt)
 
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError naming the field whose token ids this vocabulary does not have."""
+        for name in ("stop_token_ids", "logit_bias"):
+            bad = [t for t in getattr(self, name) or () if t >= vocab_size]
+            _check(not bad, name, f"token ids must be < {vocab_size} (the vocabulary size)", bad[:3])
+
+
 def _normalize(value: dict[str, Any]) -> dict[str, Any]:
-    """Accept a single stop string as SGLang and OpenAI do."""
+    """Accept a single stop string (or regex) as SGLang and OpenAI do, and SGLang's field names."""
     out = dict(value)
-    if isinstance(out.get("stop"), str):
-        out["stop"] = [out["stop"]]
-    if out.get("stop") is None:
-        out.pop("stop", None)
-    if out.get("stop_token_ids") is None:
-        out.pop("stop_token_ids", None)
+    for alias, name in FIELD_ALIASES.items():
+        if alias in out:
+            given = out.pop(alias)
+            if name in out and out[name] != given:
+                raise ValueError(f"sampling_params.{alias} and sampling_params.{name} differ; give one of them")
+            out[name] = given
+    for name in ("stop", "stop_regex"):
+        if isinstance(out.get(name), str):
+            out[name] = [out[name]]
+    for name in ("stop", "stop_regex", "stop_token_ids"):
+        if out.get(name) is None:
+            out.pop(name, None)
     return out
 
 

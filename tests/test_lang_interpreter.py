@@ -135,8 +135,10 @@ def test_gen_rejects_bad_arguments_early():
         sgl.gen("x", regex="(")
     with pytest.raises(ValueError, match="at most one"):
         sgl.gen("x", regex="a", json_schema="{}")
-    with pytest.raises(NotImplementedError, match="fork"):
-        sgl.gen("x", n=2)
+    with pytest.raises(ValueError, match="n must be an integer"):
+        sgl.gen("x", n=0)
+    with pytest.raises(ValueError, match="stop_regex"):
+        sgl.gen("x", stop_regex="(")
 
 
 def test_gen_with_choices_is_select():

@@ -332,7 +332,7 @@ def test_max_tokens_that_fit_and_defaults_still_work(server):
 
 def test_state_changing_routes_are_post_only(server):
     assert_error(httpx.get(server.url + "/flush_cache", headers=HEADERS), 405, None)
-    assert httpx.post(server.url + "/flush_cache", headers=HEADERS).json() == {"flushed": True}  # no body: fine
+    assert httpx.post(server.url + "/flush_cache", headers=HEADERS).status_code == 200  # no body: fine
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", ""])

@@ -97,7 +97,7 @@ def test_soak_leaves_no_locked_or_leaked_pages(small_server):
     assert s["used_pages"] == 0 and s["protected_pages"] == 0
     assert s["free_pages"] + s["cached_pages"] == s["total_pages"]
     assert s["num_preemptions"] > 0 or s["evicted_tokens"] > 0  # the budget really was tight
-    assert httpx.post(small_server.url + "/flush_cache", headers=HEADERS).json() == {"flushed": True}
+    assert httpx.post(small_server.url + "/flush_cache", headers=HEADERS).status_code == 200
     after = httpx.get(small_server.url + "/stats", headers=HEADERS).json()
     assert after["free_pages"] == after["total_pages"]
 

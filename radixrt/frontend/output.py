@@ -14,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from radixrt import ipc
-from radixrt.frontend.detokenizer import IncrementalDetokenizer
+from radixrt.frontend.detokenizer import IncrementalDetokenizer, StopRules
 from radixrt.frontend.errors import RequestError
-from radixrt.frontend.stop_strings import StopStrings
 from radixrt.ipc import TopLogprobs
 from radixrt.sampling_params import SamplingParams
 
@@ -39,15 +38,18 @@ class Delta:
     top_logprobs: list[TopLogprobs] | None = None
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "grammar_dead_end"
-    matched_stop: int | str | None = None  # the stop token id or stop string that ended it
+    matched_stop: int | str | None = None  # the stop token id, stop string or stop regex that ended it
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[TopLogprobs] | None = None
 
 
 class OutputStream:
-    def __init__(self, tokenizer, params: SamplingParams, stops: StopStrings | None = None) -> None:
-        """`stops`: `params.stop` already built (the server builds big ones off its event loop)."""
-        self.detok = IncrementalDetokenizer(tokenizer, stops or params.stop, params.skip_special_tokens)
+    def __init__(self, tokenizer, params: SamplingParams, stops: StopRules | None = None) -> None:
+        """`stops`: `params.stop` and `params.stop_regex` already built (the server builds big ones
+        off its event loop); built here when not given."""
+        self.detok = IncrementalDetokenizer(
+            tokenizer, stops or StopRules.build(params), params.skip_special_tokens, params.include_stop_str_in_output
+        )
         self.ends_in_front_end = False  # a stop string matched before the worker finished
 
     def add(self, out: ipc.ReqOutput) -> Delta | None:

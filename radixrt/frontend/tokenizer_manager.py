@@ -9,6 +9,9 @@ sends an `AbortReq`, so the worker frees the request's pages at once.
 `encode` and `chat_ids` are plain functions of the text: the server decides where they run
 (inline for small inputs, on its preparation threads otherwise). They refuse, before any work,
 text longer than any prompt that could fit the context (`max_prompt_chars`).
+
+A request's id is the client's when it gave one (`rid`, `X-Request-Id`); the several streams of
+one request (n choices, a batch) are `<id>-<k>` in a group under it, so `abort(id)` ends them all.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from collections.abc import AsyncIterator, Callable
 
 from radixrt import ipc
 from radixrt.config import EngineConfig
-from radixrt.frontend.chat_template import render_chat
+from radixrt.frontend.chat_template import load_chat_template, render_chat
+from radixrt.frontend.detokenizer import StopRules
 from radixrt.frontend.errors import RequestError, WorkerUnavailable
 from radixrt.frontend.output import Delta, OutputStream
-from radixrt.frontend.stop_strings import StopStrings
 from radixrt.frontend.worker_link import WorkerLink
+from radixrt.kv_budget import resolve_kv_budget
 from radixrt.model.loader import load_tokenizer, resolve_model_path
 from radixrt.request import prompt_error
 from radixrt.sampling_params import SamplingParams
@@ -50,16 +54,21 @@ class TokenizerManager:
         self.link = WorkerLink(config, restart_worker, on_fatal, metrics)
         self.tokenizer = None
         self.model_dir = None
+        self.groups: dict[str, set[str]] = {}  # a request's id -> the ids of its streams in flight
         self._max_prompt_chars = max_prompt_chars  # None: from the context and the vocabulary
         self._longest_token = 0  # characters of the longest vocabulary entry
 
     async def start(self) -> None:
         """Load the tokenizer while the worker loads the model; return once both are ready."""
         self.model_dir = await asyncio.to_thread(resolve_model_path, self.config.model)
+        self.config = self.link.config = resolve_kv_budget(self.config, self.model_dir)
+        template = load_chat_template(self.config.chat_template) if self.config.chat_template else None
         self.link.bind()
         launch = asyncio.create_task(self.link.start(self.model_dir))
         try:
             self.tokenizer = await asyncio.to_thread(load_tokenizer, self.model_dir)
+            if template is not None:
+                self.tokenizer.chat_template = template
             self._longest_token = await asyncio.to_thread(lambda: max(map(len, self.tokenizer.get_vocab())))
             await launch
         finally:
@@ -112,25 +121,31 @@ class TokenizerManager:
             )
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def encode(self, text: str, param: str = "prompt") -> list[int]:
+    def encode(self, text: str, param: str = "prompt", add_special_tokens: bool = False) -> list[int]:
         """Token ids of a prompt the worker can run (`check_ids`)."""
-        return self.check_ids(self.tokenize(text, param), param)
+        return self.check_ids(self.tokenize(text, param, add_special_tokens), param)
 
-    def render_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
-    ) -> str:
-        """Chat messages as the model's template writes them; errors are 400s naming `messages`."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools=None, **options) -> str:
+        """Chat messages as the model's template writes them (`options`: render_chat's
+        continue_final_message, template_kwargs); errors are 400s naming `messages`."""
         try:
-            return render_chat(self.tokenizer, messages, add_generation_prompt, tools)
+            return render_chat(self.tokenizer, messages, add_generation_prompt, tools, **options)
         except ValueError as exc:
-            raise RequestError(str(exc), 400, "messages") from None
+            param = "chat_template_kwargs" if "chat_template_kwargs" in str(exc) else "messages"
+            raise RequestError(str(exc), 400, param) from None
         except Exception as exc:  # a Jinja error raised by the model's own template
             raise RequestError(f"the chat template rejected these messages: {exc}", 400, "messages") from None
 
     def chat_ids(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        add_special_tokens: bool = False,
+        **options,
     ) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt, tools), "messages")
+        text = self.render_chat(messages, add_generation_prompt, tools, **options)
+        return self.encode(text, "messages", add_special_tokens)
 
     def check_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
         """Reject prompts the worker could not run: empty, unknown token ids, longer than the context."""
@@ -149,19 +164,43 @@ class TokenizerManager:
         return how many there were."""
         return self.link.fail_requests(error)
 
+    def check_rids_free(self, rids: list[str], param: str) -> None:
+        """A 400 naming `param` when a request id is already in flight (ids must be unique to abort by)."""
+        taken = [r for r in rids if r in self.link.streams or r in self.groups]
+        if taken:
+            raise RequestError(f"{param}: request id {taken[0]!r} is already in use by a running request", 400, param)
+
+    def abort(self, rid: str | None = None) -> int:
+        """End the request `rid` (every stream of it), or every request when None, as an abort
+        (finish_reason "abort", the text so far kept); return how many streams were told."""
+        targets = set(self.link.streams) if rid is None else self.groups.get(rid, set()) | {rid}
+        targets &= set(self.link.streams)
+        for r in targets:
+            self.link.send(ipc.AbortReq(r), required=False)
+        return len(targets)
+
     async def generate(
-        self, ids: list[int], params: SamplingParams, stops: StopStrings | None = None
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        stops: StopRules | None = None,
+        rid: str | None = None,
+        group: str | None = None,
     ) -> AsyncIterator[Delta]:
         """Run one request; yield its Deltas. Closing the iterator early aborts it in the worker.
-        `stops`: `params.stop` already built, when the caller built it off the event loop."""
-        rid = uuid.uuid4().hex
+        `stops`: the params' stop rules already built, when the caller built them off the event loop.
+        `rid`: the stream's id (a fresh one when None); `group`: the request it belongs to."""
+        rid = rid or uuid.uuid4().hex
+        self.check_rids_free([rid], "rid")  # checked again here: two requests may have raced past the first check
         q: asyncio.Queue = asyncio.Queue()
-        self.link.streams[rid] = q
         stream = OutputStream(self.tokenizer, params, stops)
+        self.link.streams[rid] = q
+        if group is not None:
+            self.groups.setdefault(group, set()).add(rid)
         try:
             self.link.send(ipc.GenerateReq(rid, ids, params))
         except RequestError:
-            self.link.streams.pop(rid, None)
+            self._forget(rid, group)
             raise
         start = last = time.monotonic()
         done = False
@@ -175,12 +214,14 @@ class TokenizerManager:
                     raise item
                 try:
                     delta = stream.add(item)
-                except RequestError:  # the worker refused the request
+                except RequestError:  # the worker refused the request, or a stop regex failed to match in time
                     done = True
+                    if not item.finished:
+                        self.link.send(ipc.AbortReq(rid), required=False)
                     raise
                 if item.new_token_ids and self.metrics:
                     now = time.monotonic()
-                    (self.metrics.ttft if last == start else self.metrics.itl).observe(now - last)
+                    self.metrics.observe_tokens(now - last, len(item.new_token_ids), first=last == start)
                     last = now
                 if delta is None:
                     continue
@@ -189,18 +230,42 @@ class TokenizerManager:
                     if stream.ends_in_front_end:
                         self.link.send(ipc.AbortReq(rid, "stop"), required=False)
                     if self.metrics:
-                        self.metrics.observe_finished(delta, time.monotonic() - start)
+                        self.metrics.observe_finished(delta, time.monotonic() - start, params.grammar_spec is not None)
                 yield delta
         except RequestError:
             if self.metrics:
-                self.metrics.requests.labels("error").inc()
+                self.metrics.observe_ended("error")
             raise
         finally:
-            self.link.streams.pop(rid, None)
+            self._forget(rid, group)
             if not done:
                 self.link.send(ipc.AbortReq(rid), required=False)
                 if self.metrics:
-                    self.metrics.requests.labels("abort").inc()
+                    self.metrics.observe_ended("abort")
+
+    def _forget(self, rid: str, group: str | None) -> None:
+        self.link.streams.pop(rid, None)
+        members = self.groups.get(group) if group is not None else None
+        if members is not None:
+            members.discard(rid)
+            if not members:
+                del self.groups[group]
+
+    async def probe(self, timeout: float) -> bool:
+        """Generate one token from a one-token prompt, outside the metrics: whether the worker
+        answered within `timeout` seconds (what /health_generate reports)."""
+        rid = f"health-{uuid.uuid4().hex}"
+        q: asyncio.Queue = asyncio.Queue()
+        self.link.streams[rid] = q
+        try:
+            self.link.send(ipc.GenerateReq(rid, [0], SamplingParams(max_new_tokens=1, temperature=0)))
+            item = await asyncio.wait_for(q.get(), timeout)
+            return isinstance(item, ipc.ReqOutput) and item.error is None
+        except (RequestError, asyncio.TimeoutError):
+            return False
+        finally:
+            self.link.streams.pop(rid, None)
+            self.link.send(ipc.AbortReq(rid), required=False)  # a no-op once it finished
 
     async def stats(self) -> ipc.EngineStats:
         return await self.link.call(ipc.StatsReq())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -40,6 +41,7 @@ class WorkerLink:
         self.process = None
         self.restarts = 0
         self.unhealthy_reason: str | None = "starting"
+        self.last_output = 0.0  # time.monotonic() of the worker's latest step outputs
         self._control = asyncio.Lock()
         self._reply: asyncio.Future | None = None
         self._ready: asyncio.Future | None = None
@@ -114,7 +116,7 @@ class WorkerLink:
         self.info = info
         self.unhealthy_reason = None
         if self.metrics:
-            self.metrics.worker_up.set(1)
+            self.metrics.set_worker_up(True)
         log.info("worker %d ready: context %d, %d KV pages", info.pid, info.max_context, info.total_pages)
 
     async def _supervise(self) -> None:
@@ -138,7 +140,7 @@ class WorkerLink:
                     await self._launch()
                     self.restarts += 1
                     if self.metrics:
-                        self.metrics.worker_restarts.inc()
+                        self.metrics.worker_restarted()
                     break
                 except RuntimeError as exc:
                     log.error("%s; retrying in %.1f s", exc, delay)
@@ -150,7 +152,7 @@ class WorkerLink:
         log.error("%s; failing %d request(s) in flight", reason, len(self.streams))
         self.unhealthy_reason = reason
         if self.metrics:
-            self.metrics.worker_up.set(0)
+            self.metrics.set_worker_up(False)
         self.fail_requests(WorkerUnavailable(f"{reason} while this request was running"))
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(WorkerUnavailable(reason))
@@ -173,6 +175,7 @@ class WorkerLink:
                 log.error("dropped a malformed message from the worker: %s", exc)
                 continue
             if isinstance(msg, ipc.StepOutputs):
+                self.last_output = time.monotonic()
                 for out in msg.outputs:
                     q = self.streams.get(out.rid)
                     if q is not None:

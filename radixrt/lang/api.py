@@ -58,16 +58,18 @@ def gen(
     """Generate text into variable `name`. Unset parameters take the `run(...)` defaults.
 
     `dtype` (int, float, bool, str) constrains the text to that type's literal; `regex` and
-    `json_schema` constrain it to a pattern or a JSON schema; `choices` makes this a `select`.
-    The variable holds the generated text (`int(s["n"])` for a number, as in SGLang).
+    `json_schema` constrain it to a pattern or a JSON schema; `choices` makes this a `select`;
+    `stop_regex` ends the text where it matches a regex. The variable holds the generated text
+    (`int(s["n"])` for a number, as in SGLang); with `n > 1` it holds the list of n samples, the
+    state continues with the first, and the meta info is a list too (SGLang's semantics).
     """
     if choices is not None:
         temperature = 0.0 if temperature is None else temperature
         return select(name, choices, temperature, choices_method or token_length_normalized)
-    if n not in (None, 1):
-        raise NotImplementedError("gen(n=...) is not supported: use s.fork(n) for several samples")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"gen({name!r}) n must be an integer >= 1 (got {n!r})")
     if stop_regex is not None:
-        raise NotImplementedError("gen(stop_regex=...) is not supported: use stop strings or regex=")
+        ir.check_stop_regex(stop_regex)
     if dtype is not None:
         ir.resolve_dtype(dtype)
     if regex is not None:
@@ -77,8 +79,10 @@ def gen(
     given = {
         "max_new_tokens": max_tokens,
         "min_new_tokens": min_tokens,
+        "n": n,
         "stop": stop,
         "stop_token_ids": stop_token_ids,
+        "stop_regex": stop_regex,
         "temperature": temperature,
         "top_p": top_p,
         "top_k": top_k,

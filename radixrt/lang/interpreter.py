@@ -201,9 +201,12 @@ class StreamExecutor:
         params = self.default_sampling_para.override(expr.params)
         if not self.stream:
             text, meta = self.backend.generate(self, params)
-            self.text_ += text
+            # n > 1: the variable holds the n samples (and their meta infos); the text goes on with the first
+            self.text_ += text[0] if isinstance(text, list) else text
             self._set(expr.name, text, meta)
             return
+        if params.n > 1:
+            raise ValueError(f"gen({expr.name!r}, n={params.n}) cannot stream: run the program without stream=True")
         value = ""
         if expr.name is not None:
             self.variables[expr.name] = value

@@ -14,6 +14,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import regex
+
 from radixrt.lang.choices import ChoicesSamplingMethod
 
 # The regexes SGLang uses for `gen(dtype=...)`: the value's text, then the whitespace that ends it.
@@ -31,8 +33,10 @@ class SglSamplingParams:
 
     max_new_tokens: int = 128
     min_new_tokens: int = 0
+    n: int = 1  # samples: the variable holds a list of n texts, the state continues with the first
     stop: str | list[str] | tuple = ()
     stop_token_ids: list[int] | tuple = ()
+    stop_regex: str | list[str] | tuple = ()
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -85,7 +89,14 @@ class SglSamplingParams:
             params["regex"] = regex
         if json_schema is not None:
             params["json_schema"] = json_schema
+        if self.stop_regex:
+            params["stop_regex"] = self.stop_regex_list()
+        if self.n > 1:
+            params["n"] = self.n
         return params
+
+    def stop_regex_list(self) -> list[str]:
+        return [self.stop_regex] if isinstance(self.stop_regex, str) else list(self.stop_regex or ())
 
 
 def resolve_dtype(dtype: type | str) -> type:
@@ -109,6 +120,17 @@ def check_regex(regex: str) -> None:
         re.compile(regex)
     except re.error as exc:
         raise ValueError(f"gen() regex {regex!r} does not compile: {exc}") from None
+
+
+def check_stop_regex(stop_regex: str | list[str]) -> None:
+    """Refuse at once what the engine would refuse later: a stop regex that does not compile."""
+    for pattern in [stop_regex] if isinstance(stop_regex, str) else stop_regex:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"gen() stop_regex must be non-empty strings (got {pattern!r})")
+        try:
+            regex.compile(pattern)  # the engine's regex module (frontend/stop_regex.py)
+        except regex.error as exc:
+            raise ValueError(f"gen() stop_regex {pattern!r} does not compile: {exc}") from None
 
 
 class Expr:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -120,6 +121,18 @@ class ProgramState:
             ex.stream_text_event.clear()
         done = ex.variable_event[var_name]
         yield from _follow(ex.stream_var_event[var_name], lambda: ex.variables.get(var_name, ""), done.is_set)
+
+    async def text_async_iter(self, var_name: str | None = None, return_meta_data: bool = False) -> AsyncIterator:
+        """`text_iter` for asyncio code: the same pieces, each awaited on the loop's default executor,
+        so waiting for the model never blocks the event loop. With `return_meta_data`, (piece,
+        meta_info) pairs: the variable's meta info as it stood when the piece arrived (SGLang's)."""
+        loop = asyncio.get_running_loop()
+        pieces = self.text_iter(var_name)
+        while (piece := await loop.run_in_executor(None, next, pieces, None)) is not None:
+            if return_meta_data:
+                yield piece, self.stream_executor.meta_info.get(var_name) if var_name else None
+            else:
+                yield piece
 
     def __repr__(self) -> str:
         return f"ProgramState({self.text()!r})"

@@ -19,9 +19,10 @@ from radixrt import __version__
 from radixrt.config import EngineConfig
 from radixrt.frontend.errors import RequestError
 from radixrt.frontend.tokenizer_manager import TokenizerManager
-from radixrt.server import cache_routes, native, openai_chat, openai_completions
-from radixrt.server.common import ServerState, error_response, state
+from radixrt.server import cache_routes, info, native, openai_chat, openai_completions, operations
+from radixrt.server.common import REQUEST_ID_HEADER, ServerState, error_response, state
 from radixrt.server.disconnect import ClientDisconnected
+from radixrt.server.fields import FIELD_ERROR, UNSUPPORTED_FIELD
 from radixrt.server.guard import RequestGuard
 from radixrt.server.metrics import ServerMetrics
 from radixrt.server.preparation import Preparer
@@ -47,12 +48,10 @@ async def require_api_key(request: Request, creds: HTTPAuthorizationCredentials 
 
 
 def model_name(config: EngineConfig, settings: ServerSettings) -> str:
+    """--served-model-name, else the --model path as given (SGLang's default)."""
     if settings.served_model_name:
         return settings.served_model_name
-    if config.model is None:
-        return DEFAULT_MODEL_NAME
-    path = Path(config.model)
-    return path.stem if path.suffix == ".gguf" else path.name or str(config.model)
+    return DEFAULT_MODEL_NAME if config.model is None else str(config.model)
 
 
 def build_app(
@@ -62,7 +61,7 @@ def build_app(
     on_ready: Callable[[str], None] | None = None,
 ) -> FastAPI:
     settings = settings or ServerSettings()
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(model_name(config, settings))
     manager = TokenizerManager(config, settings.restart_worker, on_fatal, metrics, settings.max_prompt_chars)
     preparer = Preparer(settings)
 
@@ -73,8 +72,9 @@ def build_app(
         except BaseException:
             await manager.close()
             raise
-        # "default" as SGLang accepts it (its examples send it): one server serves one model.
-        aliases = {"default", str(manager.model_dir)} | ({str(config.model)} if config.model else set())
+        # "default" as SGLang accepts it (its examples send it), and the model's folder and file names:
+        # one server serves one model.
+        aliases = {"default", str(manager.model_dir)} | _names_of(config.model)
         app.state.rt = ServerState(manager, metrics, settings, model_name(config, settings), preparer, aliases)
         if on_ready:
             on_ready(app.state.rt.model_name)
@@ -89,31 +89,67 @@ def build_app(
         lifespan=lifespan,
     )
     app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, max_body_bytes=settings.max_request_bytes)
+    app.add_middleware(EchoRequestId)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(RequestError, _request_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ClientDisconnected, _client_gone)
     app.add_exception_handler(Exception, _internal_error)
-    app.include_router(native.open_router)
-    app.include_router(openai_chat.router, dependencies=[Depends(require_api_key)])
-    app.include_router(openai_completions.router, dependencies=[Depends(require_api_key)])
-    app.include_router(native.router, dependencies=[Depends(require_api_key)])
-    app.include_router(cache_routes.router, dependencies=[Depends(require_api_key)])
-    app.add_middleware(cache_routes.RefreshCacheMetrics)
+    app.include_router(operations.open_router)
+    for module in (openai_chat, openai_completions, native, info, operations, cache_routes):
+        app.include_router(module.router, dependencies=[Depends(require_api_key)])
     return app
+
+
+def _names_of(model: str | None) -> set[str]:
+    """A model path as given, and the names it is known by: its folder's or its .gguf file's stem."""
+    if model is None:
+        return {DEFAULT_MODEL_NAME}
+    path = Path(model)
+    return {str(model), path.stem if path.suffix == ".gguf" else path.name}
+
+
+class EchoRequestId:
+    """ASGI middleware: every response carries the request's X-Request-Id back (generation routes
+    set their own when the client sent none: the id they made)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        given = dict(scope.get("headers") or ()).get(b"x-request-id") if scope["type"] == "http" else None
+        if given is None:
+            return await self.app(scope, receive, send)
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    message = dict(message, headers=[*headers, (REQUEST_ID_HEADER.lower().encode(), given)])
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError):
     errors = exc.errors()
     if errors[0].get("type") == "json_invalid":
         return error_response(400, "the request body is not valid JSON", None, "json_invalid")
+    named = next((e for e in errors if e.get("type") in (UNSUPPORTED_FIELD, FIELD_ERROR)), None)
+    if named is not None:  # a field the server does not honour, or one a model validator names (server/fields.py)
+        param = ".".join([*_field_path(named), named["ctx"]["field"]])
+        return error_response(400, f"{param}: {named['msg']}", param, named["type"])
     field_errors = [e for e in errors if e.get("loc", ())[:2] == errors[0].get("loc", ())[:2]]
     err = min(field_errors, key=_branch_rank)
-    path = [str(p) for p in err.get("loc", ()) if p != "body"]
-    path = [p for p in path if p.lower() not in _TYPE_NAMES and "[" not in p and "-" not in p]
-    param = ".".join(path) or None
+    param = ".".join(_field_path(err)) or None
     message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
     return error_response(400, message, param, err.get("type"))
+
+
+def _field_path(err: dict) -> list[str]:
+    """The request field an error is about, without pydantic's union branch names."""
+    path = [str(p) for p in err.get("loc", ()) if p != "body"]
+    return [p for p in path if p.lower() not in _TYPE_NAMES and "[" not in p and "-" not in p]
 
 
 async def _request_error(request: Request, exc: RequestError):

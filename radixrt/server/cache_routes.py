@@ -1,4 +1,4 @@
-"""Cache control endpoints: pin a prefix in memory, unpin it; metrics for pins and the disk tier.
+"""Cache control endpoints: pin a prefix in memory, unpin it.
 
     POST /pin_prefix    {"text" | "input_ids" | "messages", "cache_salt"?}
     POST /unpin_prefix  the same body
@@ -8,8 +8,8 @@ in memory or on disk is prefilled once), then pins its whole pages (cache/pins.p
 memory until unpinned or flushed, up to --max-pinned-tokens. `messages` are rendered with the
 model's chat template without a generation prompt: a system prompt pinned that way is the prefix
 of every chat that starts with it. The names follow the `pin_prefix` of SGLang's HiCache work and
-of the vLLM pinned-prefix proposal. Pins and the disk tier also show in /get_server_info and
-/stats (EngineStats) and, through `RefreshCacheMetrics`, in /metrics.
+of the vLLM pinned-prefix proposal. Pins and the disk tier also show in /get_server_info,
+/stats (EngineStats) and /metrics (server/metrics.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from prometheus_client import CollectorRegistry, Gauge
 from pydantic import BaseModel, ConfigDict
 
 from radixrt import ipc
@@ -91,55 +90,3 @@ async def unpin_prefix(body: PrefixRequest, request: Request):
     if not result.ok:
         raise RequestError(result.error or "no such pin", 404, "text")
     return _reply(result, ids, "unpinned")
-
-
-class CacheMetrics:
-    """Gauges for pins and the disk tier in a server's registry, set from the worker's EngineStats."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.pinned = Gauge("radixrt_pinned_tokens", "Tokens held in memory by pinned prefixes", registry=r)
-        self.pins = Gauge("radixrt_num_pinned_prefixes", "Pinned prefixes", registry=r)
-        self.disk = Gauge("radixrt_kv_disk_pages", "Disk tier pages by state", ["state"], registry=r)
-        self.disk_hits = Gauge(
-            "radixrt_kv_disk_hit_tokens", "Tokens loaded back from the disk tier since the worker started", registry=r
-        )
-
-    def update(self, s: ipc.EngineStats) -> None:
-        self.pinned.set(s.pinned_pages * s.page_size)
-        self.pins.set(s.num_pins)
-        for label, value in (
-            ("ready", s.disk_pages),
-            ("capacity", s.disk_capacity_pages),
-            ("written", s.disk_written_pages),
-            ("dropped", s.disk_dropped_pages),
-            ("corrupt", s.disk_corrupt_pages),
-        ):
-            self.disk.labels(label).set(value)
-        self.disk_hits.set(s.disk_hit_tokens)
-
-
-class RefreshCacheMetrics:
-    """ASGI middleware: before /metrics renders, fetch the worker's stats into CacheMetrics (the
-    route itself lives with the server's other metrics). Any other request passes straight through."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/metrics":
-            await _refresh(scope["app"])
-        await self.app(scope, receive, send)
-
-
-async def _refresh(app) -> None:
-    st = getattr(app.state, "rt", None)
-    if st is None or not st.manager.healthy:
-        return
-    if getattr(app.state, "cache_metrics", None) is None:
-        app.state.cache_metrics = CacheMetrics(st.metrics.registry)
-    try:
-        stats = await st.manager.stats()
-    except RequestError:  # the worker went away meanwhile: the gauges keep their last values
-        return
-    app.state.cache_metrics.update(stats)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ class ServerState:
     model_name: str
     preparer: Preparer
     model_aliases: set[str] = field(default_factory=set)
+    health_probe: asyncio.Future | None = None  # the /health_generate probe in flight, shared by its callers
 
 
 def state(request: Request) -> ServerState:
@@ -90,19 +92,46 @@ def check_model(st: ServerState, model: str | None) -> None:
         raise RequestError(f"the model {model!r} does not exist; this server serves {st.model_name!r}", 400, "model")
 
 
+# ----- request ids ---------------------------------------------------------------------------------
+
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+def request_id(request: Request, given: str | None = None) -> str:
+    """The request's id: the body's (`request_id`, `rid`), else the X-Request-Id header's, else a fresh one.
+    A header that is no usable id (over 256 printable ASCII characters, spaces) is a 400 naming it."""
+    if given:
+        return given
+    header = request.headers.get(REQUEST_ID_HEADER)
+    if header is None:
+        return uuid.uuid4().hex
+    if not 0 < len(header) <= 256 or not all("!" <= c <= "~" for c in header):
+        raise RequestError(f"{REQUEST_ID_HEADER} must be 1-256 printable ASCII characters without spaces", 400,
+                           REQUEST_ID_HEADER)  # fmt: skip
+    return header
+
+
+def stream_ids(rid: str, count: int) -> list[str]:
+    """The ids of a request's `count` streams (n choices, a batch): its own id for one, else `<id>-<k>`."""
+    return [rid] if count == 1 else [f"{rid}-{k}" for k in range(count)]
+
+
 # SamplingParams field -> the OpenAI request field that sets it, for error messages.
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "top_logprobs": "top_logprobs"}
 
 
-def make_params(values: dict[str, Any], settings: ServerSettings, openai_names: bool = True) -> SamplingParams:
-    """Validate sampling options against their rules and the server's limits; a ValueError
-    becomes a 400 naming the offending field."""
+def make_params(
+    values: dict[str, Any], settings: ServerSettings, vocab_size: int, openai_names: bool = True
+) -> SamplingParams:
+    """Validate sampling options against their rules, the vocabulary and the server's limits; a
+    ValueError becomes a 400 naming the offending field."""
 
     def field_name(name: str) -> str:
         return _OPENAI_NAMES.get(name, name) if openai_names else f"sampling_params.{name}"
 
     try:
         params = SamplingParams.from_any(values)
+        params.check_vocab(vocab_size)
     except ValueError as exc:
         message = str(exc)
         match = (
@@ -113,7 +142,7 @@ def make_params(values: dict[str, Any], settings: ServerSettings, openai_names: 
         raise RequestError(message, 400, field_name(match.group(1)) if match else None) from None
     if params.seed is not None and not -(2**63) <= params.seed < 2**64:
         raise RequestError("seed must fit in 64 bits", 400, "seed")
-    for name in ("stop", "stop_token_ids"):
+    for name in ("stop", "stop_token_ids", "stop_regex"):
         if len(getattr(params, name)) > settings.max_stop_strings:
             raise RequestError(
                 f"{field_name(name)}: at most {settings.max_stop_strings} may be given "
@@ -121,14 +150,15 @@ def make_params(values: dict[str, Any], settings: ServerSettings, openai_names: 
                 400,
                 field_name(name),
             )
-    longest = max(params.stop, key=len, default="")
-    if len(longest) > settings.max_stop_chars:
-        raise RequestError(
-            f"{field_name('stop')}: each stop string may have at most {settings.max_stop_chars} characters "
-            f"(got {len(longest):,}; the server's --max-stop-chars)",
-            400,
-            field_name("stop"),
-        )
+    for name in ("stop", "stop_regex"):
+        longest = max(getattr(params, name), key=len, default="")
+        if len(longest) > settings.max_stop_chars:
+            raise RequestError(
+                f"{field_name(name)}: each may have at most {settings.max_stop_chars} characters "
+                f"(got {len(longest):,}; the server's --max-stop-chars)",
+                400,
+                field_name(name),
+            )
     return params
 
 
@@ -164,9 +194,10 @@ def sampling_dict(body: SamplingFields, max_tokens: int, seed: int | None, **ext
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
         "cache_salt": body.cache_salt,
+        "include_stop_str_in_output": body.include_stop_str_in_output or body.no_stop_trim,
         **extra,
     }
-    for name in ("top_k", "min_p", "repetition_penalty", "stop_token_ids"):
+    for name in ("top_k", "min_p", "repetition_penalty", "stop_token_ids", "stop_regex", "logit_bias"):
         if getattr(body, name) is not None:
             d[name] = getattr(body, name)
     return d

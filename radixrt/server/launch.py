@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 
 from radixrt.server.data_parallel import add_data_parallel_args
-from radixrt.server.settings import ServerSettings
+from radixrt.server.settings import REASONING_PARSERS, TOOL_CALL_PARSERS, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,30 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("RADIXRT_API_KEY"),
         help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $RADIXRT_API_KEY)",
     )
-    g.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id /v1/models lists and clients send; 'default' and the model path are accepted too "
+        "(default: the --model path as given, as in SGLang)",
+    )
+    g.add_argument(
+        "--enable-metrics",
+        action="store_true",
+        help="SGLang's flag, accepted: /metrics is always on (SGLang's metric names; no API key needed)",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=TOOL_CALL_PARSERS,
+        help="SGLang's name of the model's tool-call format (default: radixrt's own tool-call handling)",
+    )
+    g.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=REASONING_PARSERS,
+        help="SGLang's name of the model's reasoning format: its reasoning goes to reasoning_content "
+        "(default: none, reasoning stays in the content)",
+    )
     g.add_argument(
         "--no-restart-worker",
         dest="restart_worker",
@@ -108,12 +131,13 @@ def serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT; return the process exit code."""
     import uvicorn
 
-    from radixrt.engine_args import engine_config
+    from radixrt.engine_args import check_engine_config, engine_config
     from radixrt.frontend.errors import WorkerUnavailable
     from radixrt.server.app import build_app
     from radixrt.server.guard import default_allowed_hosts, parse_allowed_hosts
 
     config = engine_config(args)
+    check_engine_config(config)  # a bad --chat-template or --mem-fraction-static: one line, before any work
     hosts = default_allowed_hosts(args.host) if args.allowed_hosts is None else parse_allowed_hosts(args.allowed_hosts)
     settings = ServerSettings(
         api_key=args.api_key or None,
@@ -124,6 +148,8 @@ def serve(args: argparse.Namespace) -> int:
         max_stop_chars=args.max_stop_chars,
         max_prompt_chars=args.max_prompt_chars,
         allowed_hosts=hosts,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)

@@ -1,25 +1,26 @@
-"""Native endpoints: SGLang-shaped `/generate`, tokenizer utilities, health, cache, stats, metrics.
+"""Native endpoints: SGLang-shaped `/generate`, and the tokenizer's `/tokenize` and `/detokenize`.
 
 `/generate` is what the DSL's `RuntimeEndpoint` talks to; its shape is documented in
 docs/server.md and kept stable. Log-probabilities come as `[logprob, token_id, text|null]`.
+A request of P prompts with `n` samples each runs P x n streams and answers them as one flat
+list, prompt by prompt (SGLang's order); their ids are `rid` (or `<rid>-<k>`), in a group
+that `/abort_request` ends as a whole.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
-import uuid
 from typing import Any
 
 import msgspec
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
 
 from radixrt.frontend.errors import RequestError
 from radixrt.frontend.output import Collected, Delta
 from radixrt.sampling_params import SamplingParams
 from radixrt.server.common import (
     JSON,
+    REQUEST_ID_HEADER,
     SSE_DONE,
     ServerState,
     SSEResponse,
@@ -30,60 +31,55 @@ from radixrt.server.common import (
     merge,
     name_errors,
     prime,
+    request_id,
     require_worker,
     sse,
     sse_error,
     state,
+    stream_ids,
 )
 from radixrt.server.disconnect import unless_disconnected
 from radixrt.server.guard import JSONRoute
 from radixrt.server.openai_chat import message_dicts
-from radixrt.server.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest
+from radixrt.server.protocol import MAX_N, DetokenizeRequest, GenerateRequest, TokenizeRequest
 
 router = APIRouter(route_class=JSONRoute)  # behind the API key
-open_router = APIRouter()  # no key: liveness probes
-
-
-@open_router.get("/health")
-async def health(request: Request):
-    mgr = state(request).manager
-    if mgr.healthy:
-        return JSON({"status": "ok"})
-    return JSON({"status": "unhealthy", "reason": mgr.unhealthy_reason}, status_code=503)
-
-
-@router.get("/v1/models")
-async def models(request: Request):
-    st = state(request)
-    card = {
-        "id": st.model_name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "radixrt",
-        "max_model_len": st.manager.max_context,
-    }
-    return JSON({"object": "list", "data": [card]})
 
 
 @router.post("/v1/tokenize")
+@router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request):
+    """vLLM's shape at vLLM's path (and SGLang's /v1 one): {tokens, count, max_model_len[, token_strs]}."""
     st = state(request)
     mgr = st.manager
     check_model(st, body.model)
     if (body.prompt is None) == (body.messages is None):
         raise RequestError("pass exactly one of prompt or messages", 400, "prompt")
+    if body.continue_final_message and "add_generation_prompt" in body.model_fields_set and body.add_generation_prompt:
+        raise RequestError("continue_final_message takes no generation prompt", 400, "add_generation_prompt")
 
     def tokens() -> list[int]:  # counted whatever the context (no check_ids): this endpoint measures
         if body.messages is not None:
-            text = mgr.render_chat(message_dicts(body.messages), body.add_generation_prompt)
+            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+            text = mgr.render_chat(
+                message_dicts(body.messages),
+                body.add_generation_prompt and not body.continue_final_message,
+                tools,
+                continue_final_message=body.continue_final_message,
+                template_kwargs=body.chat_template_kwargs,
+            )
             return mgr.tokenize(text, "messages", body.add_special_tokens)
         return mgr.tokenize(body.prompt, "prompt", body.add_special_tokens)
 
     ids = await st.preparer.run(request, len(await request.body()), tokens)
-    return JSON({"tokens": ids, "count": len(ids), "max_model_len": mgr.max_context})
+    out: dict[str, Any] = {"tokens": ids, "count": len(ids), "max_model_len": mgr.max_context}
+    if body.return_token_strs:
+        out["token_strs"] = mgr.tokenizer.convert_ids_to_tokens(ids)
+    return JSON(out)
 
 
 @router.post("/v1/detokenize")
+@router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request):
     st = state(request)
     check_model(st, body.model)
@@ -92,57 +88,6 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     if any(t >= st.manager.vocab_size for t in body.tokens):
         raise RequestError(f"token ids must be in [0, {st.manager.vocab_size})", 400, "tokens")
     return JSON({"prompt": st.manager.tokenizer.decode(body.tokens)})
-
-
-@router.post("/flush_cache")
-async def flush_cache(request: Request):
-    """Drop every cached prefix; refused (flushed: false) while requests are running. POST only:
-    a GET that changes state is one any web page can make a browser send."""
-    require_worker(state(request))
-    return JSON({"flushed": await state(request).manager.flush_cache()})
-
-
-@router.get("/stats")
-async def stats(request: Request):
-    require_worker(state(request))
-    return JSON(msgspec.to_builtins(await state(request).manager.stats()))
-
-
-@router.get("/get_server_info")
-async def server_info(request: Request):
-    st = state(request)
-    mgr = st.manager
-    engine = msgspec.to_builtins(await mgr.stats()) if mgr.healthy else None
-    return JSON(
-        {
-            "model": st.model_name,
-            "model_path": str(mgr.model_dir),
-            "max_context": mgr.max_context,
-            "vocab_size": mgr.vocab_size,
-            "worker_pid": mgr.worker_pid,
-            "worker_restarts": mgr.restarts,
-            "healthy": mgr.healthy,
-            "config": dataclasses.asdict(mgr.config),
-            "stats": engine,
-        }
-    )
-
-
-@router.get("/get_model_info")
-async def model_info(request: Request):
-    st = state(request)
-    return JSON({"model_path": str(st.manager.model_dir), "served_model_name": st.model_name, "is_generation": True})
-
-
-@router.get("/metrics")
-async def metrics(request: Request):
-    st = state(request)
-    if st.manager.healthy:
-        try:
-            st.metrics.update_from_stats(await st.manager.stats())
-        except RequestError:
-            pass
-    return Response(st.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 # ----- /generate -----------------------------------------------------------------------------
@@ -162,7 +107,8 @@ def _items(body: GenerateRequest, mgr) -> tuple[list[list[int]], bool]:
     return [mgr.check_ids(list(body.input_ids), "input_ids")], False
 
 
-def _params(body: GenerateRequest, prompts: list[list[int]], st: ServerState) -> list[SamplingParams]:
+def _params(body: GenerateRequest, prompts: list[list[int]], st: ServerState) -> list[list[SamplingParams]]:
+    """Each prompt's n samples' params (sample j's seed is the seed + j, as for OpenAI's n)."""
     sp = body.sampling_params
     if isinstance(sp, list):
         if len(sp) != len(prompts):
@@ -172,17 +118,49 @@ def _params(body: GenerateRequest, prompts: list[list[int]], st: ServerState) ->
     out = []
     for ids, values in zip(prompts, sp):
         values = dict(values)
+        n = values.pop("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+            raise RequestError(f"sampling_params.n must be an integer in [1, {MAX_N}] (got {n!r})", 400,
+                               "sampling_params.n")  # fmt: skip
+        if values.get("custom_params") is not None:
+            raise RequestError("sampling_params.custom_params is not supported: it feeds custom logit processors, "
+                               "which radixrt does not run (logit_bias is supported)", 400,
+                               "sampling_params.custom_params")  # fmt: skip
+        values.pop("custom_params", None)
         if body.return_logprob:
             values.update(logprobs=True, top_logprobs=body.top_logprobs_num)
             if 0 <= body.logprob_start_len < len(ids):
                 values.update(prompt_logprobs=True, logprob_start_len=body.logprob_start_len)
         if body.cache_salt is not None and values.setdefault("cache_salt", body.cache_salt) != body.cache_salt:
             raise RequestError("cache_salt differs from sampling_params.cache_salt", 400, "cache_salt")
-        params = make_params(values, st.settings, openai_names=False)
+        params = make_params(values, st.settings, st.manager.vocab_size, openai_names=False)
         if "max_new_tokens" in values:  # the default (128) is capped by the context instead
             max_new_tokens(st.manager, len(ids), params.max_new_tokens, "sampling_params.max_new_tokens")
-        out.append(params)
+        seed = params.seed
+        out.append([params if seed is None else _with_seed(params, (seed + j + 2**63) % 2**64 - 2**63)
+                    for j in range(n)])  # fmt: skip
     return out
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    return msgspec.structs.replace(params, seed=seed)
+
+
+StreamIds = list[tuple[str, str | None]]  # each stream's (id, group)
+
+
+def _stream_ids(body: GenerateRequest, request: Request, samples: list[int]) -> tuple[str, StreamIds]:
+    """The request's id and each stream's (id, group): `rid` as given (one per prompt for a list),
+    else X-Request-Id, else a fresh one; `<id>-<k>` for several streams."""
+    if isinstance(body.rid, list):
+        if len(body.rid) != len(samples):
+            raise RequestError(f"got {len(body.rid)} rids for {len(samples)} prompts", 400, "rid")
+        return body.rid[0], [(sid, rid if n > 1 else None) for rid, n in zip(body.rid, samples)
+                             for sid in stream_ids(rid, n)]  # fmt: skip
+    base = request_id(request, body.rid)
+    prompts = stream_ids(base, len(samples))
+    ids = [sid for rid, n in zip(prompts, samples) for sid in stream_ids(rid, n)]
+    return base, [(sid, base if len(ids) > 1 else None) for sid in ids]
 
 
 def _grammar_param(p) -> str | None:
@@ -235,23 +213,30 @@ async def generate(body: GenerateRequest, request: Request):
     st = state(request)
     mgr = st.manager
     prompts, batch = await st.preparer.run(request, len(await request.body()), lambda: _items(body, mgr))
-    params = _params(body, prompts, st)
+    per_prompt = _params(body, prompts, st)
+    base, ids = _stream_ids(body, request, [len(ps) for ps in per_prompt])
+    mgr.check_rids_free([sid for sid, _ in ids] + [g for _, g in ids if g], "rid")
+    prompts = [ids_ for ids_, ps in zip(prompts, per_prompt) for _ in ps]  # one per stream
+    params = [p for ps in per_prompt for p in ps]
+    batch = batch or len(params) > 1
     stops = await st.preparer.stops(request, params, "sampling_params.stop")
     require_worker(st)
-    rids = [uuid.uuid4().hex for _ in prompts]
     streams = [
-        name_errors(mgr.generate(ids, p, s), _grammar_param(p)) for ids, p, s in zip(prompts, params, stops)
+        name_errors(mgr.generate(ids_, p, s, sid, group), _grammar_param(p))
+        for ids_, p, s, (sid, group) in zip(prompts, params, stops, ids)
     ]
+    rids = [sid for sid, _ in ids]
+    headers = {} if isinstance(body.rid, list) else {REQUEST_ID_HEADER: base}
     if body.stream:
         if any(p.grammar_spec for p in params):  # a grammar that does not compile is a 400, not an error event
             streams = await unless_disconnected(request, prime(streams))
-        return SSEResponse(_generate_stream(body, mgr, rids, prompts, streams, batch))
+        return SSEResponse(_generate_stream(body, mgr, rids, prompts, streams, batch), headers=headers)
     start = time.monotonic()
     results = await unless_disconnected(request, collect(streams))
-    out = [_result(body, mgr, rid, ids, r) for rid, ids, r in zip(rids, prompts, results)]
+    out = [_result(body, mgr, rid, ids_, r) for rid, ids_, r in zip(rids, prompts, results)]
     for o in out:
         o["meta_info"]["e2e_latency"] = time.monotonic() - start
-    return JSON(out if batch else out[0])
+    return JSON(out if batch else out[0], headers=headers)
 
 
 async def _generate_stream(body, mgr, rids, prompts, streams, batch: bool):

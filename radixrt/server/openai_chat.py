@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 from fastapi import APIRouter, Request
 
@@ -12,6 +11,7 @@ from radixrt.frontend.errors import RequestError
 from radixrt.frontend.output import Delta
 from radixrt.server.common import (
     JSON,
+    REQUEST_ID_HEADER,
     SSE_DONE,
     ServerState,
     SSEResponse,
@@ -23,6 +23,7 @@ from radixrt.server.common import (
     merge,
     name_errors,
     prime,
+    request_id,
     require_worker,
     sampling_dict,
     seed_for,
@@ -30,6 +31,7 @@ from radixrt.server.common import (
     sse,
     sse_error,
     state,
+    stream_ids,
     usage,
 )
 from radixrt.server.disconnect import unless_disconnected
@@ -85,23 +87,35 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     ids = await st.preparer.run(
         request,
         size,
-        lambda: mgr.chat_ids(message_dicts(body.messages), body.add_generation_prompt, tools.template_tools),
+        lambda: mgr.chat_ids(
+            message_dicts(body.messages),
+            body.add_generation_prompt,
+            tools.template_tools,
+            body.add_special_tokens,
+            continue_final_message=body.continue_final_message,
+            template_kwargs=body.chat_template_kwargs,
+        ),
     )
     given = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = max_new_tokens(mgr, len(ids), getattr(body, given), given)
     top = body.top_logprobs or 0
     extra = dict(logprobs=body.logprobs, top_logprobs=top, **grammar)
     params = [
-        make_params(sampling_dict(body, max_tokens, seed_for(body, i), **extra), st.settings) for i in range(body.n)
+        make_params(sampling_dict(body, max_tokens, seed_for(body, i), **extra), st.settings, mgr.vocab_size)
+        for i in range(body.n)
     ]
     stops = await st.preparer.stops(request, params, "stop")
     require_worker(st)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    streams = share_prompt([name_errors(mgr.generate(ids, p, s), param) for p, s in zip(params, stops)], body.n)
+    base = request_id(request, body.request_id)
+    sids, group = stream_ids(base, body.n), base if body.n > 1 else None
+    mgr.check_rids_free(sids + [base], "request_id")
+    rid, created, headers = f"chatcmpl-{base}", int(time.time()), {REQUEST_ID_HEADER: base}
+    streams = [name_errors(mgr.generate(ids, p, s, sid, group), param) for p, s, sid in zip(params, stops, sids)]
+    streams = share_prompt(streams, body.n)
     if body.stream:
         if grammar:  # a grammar that does not compile is a 400, not an error event
             streams = await unless_disconnected(request, prime(streams))
-        return SSEResponse(chat_stream(st, body, rid, created, streams, tools))
+        return SSEResponse(chat_stream(st, body, rid, created, streams, tools), headers=headers)
     results = await unless_disconnected(request, collect(streams))
     choices = []
     for i, r in enumerate(results):
@@ -116,7 +130,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             "model": st.model_name,
             "choices": choices,
             "usage": usage([r.last for r in results], body.n),
-        }
+        },
+        headers=headers,
     )
 
 

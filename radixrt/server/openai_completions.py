@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 from fastapi import APIRouter, Request
 
@@ -11,6 +10,7 @@ from radixrt.frontend.errors import RequestError
 from radixrt.frontend.output import Delta
 from radixrt.server.common import (
     JSON,
+    REQUEST_ID_HEADER,
     SSE_DONE,
     ServerState,
     SSEResponse,
@@ -22,6 +22,7 @@ from radixrt.server.common import (
     merge,
     name_errors,
     prime,
+    request_id,
     require_worker,
     sampling_dict,
     seed_for,
@@ -29,6 +30,7 @@ from radixrt.server.common import (
     sse,
     sse_error,
     state,
+    stream_ids,
     usage,
 )
 from radixrt.server.disconnect import unless_disconnected
@@ -38,16 +40,16 @@ from radixrt.server.protocol import CompletionRequest
 router = APIRouter(route_class=JSONRoute)
 
 
-def prompt_list(mgr, prompt) -> list[list[int]]:
+def prompt_list(mgr, prompt, add_special_tokens: bool = False) -> list[list[int]]:
     """Token ids of each prompt (run by the preparer: tokenizing may be long)."""
     if isinstance(prompt, str):
-        return [mgr.encode(prompt)]
+        return [mgr.encode(prompt, "prompt", add_special_tokens)]
     if not prompt:
         raise RequestError("prompt must not be empty", 400, "prompt")
     if all(isinstance(p, int) for p in prompt):
         return [mgr.check_ids(list(prompt))]
     if all(isinstance(p, str) for p in prompt):
-        return [mgr.encode(p) for p in prompt]
+        return [mgr.encode(p, "prompt", add_special_tokens) for p in prompt]
     return [mgr.check_ids(list(p)) for p in prompt]
 
 
@@ -91,7 +93,9 @@ async def completions(body: CompletionRequest, request: Request):
     if body.best_of is not None and body.best_of != body.n:
         raise RequestError("best_of is not supported (leave it unset or equal to n)", 400, "best_of")
     grammar, param = body.grammar()
-    prompts = await st.preparer.run(request, len(await request.body()), lambda: prompt_list(mgr, body.prompt))
+    prompts = await st.preparer.run(
+        request, len(await request.body()), lambda: prompt_list(mgr, body.prompt, body.add_special_tokens)
+    )
     want_lp = body.logprobs is not None
     # Unset, max_tokens is OpenAI's 16, or what is left of the context if less; set, it must fit.
     requested = body.max_tokens if "max_tokens" in body.model_fields_set else None
@@ -107,16 +111,19 @@ async def completions(body: CompletionRequest, request: Request):
         }
         for i in range(body.n):
             values = sampling_dict(body, max_tokens, seed_for(body, i), **extra, **grammar)
-            plan.append((ids, make_params(values, st.settings)))
+            plan.append((ids, make_params(values, st.settings, mgr.vocab_size)))
     stops = await st.preparer.stops(request, [p for _, p in plan], "stop")
     require_worker(st)
-    streams = [name_errors(mgr.generate(ids, p, s), param) for (ids, p), s in zip(plan, stops)]
+    base = request_id(request, body.request_id)
+    sids, group = stream_ids(base, len(plan)), base if len(plan) > 1 else None
+    mgr.check_rids_free(sids + [base], "request_id")
+    streams = [name_errors(mgr.generate(ids, p, s, sid, group), param) for (ids, p), s, sid in zip(plan, stops, sids)]
     streams = share_prompt(streams, body.n)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    rid, created, headers = f"cmpl-{base}", int(time.time()), {REQUEST_ID_HEADER: base}
     if body.stream:
         if grammar:  # a grammar that does not compile is a 400, not an error event
             streams = await unless_disconnected(request, prime(streams))
-        return SSEResponse(completion_stream(st, body, rid, created, plan, streams))
+        return SSEResponse(completion_stream(st, body, rid, created, plan, streams), headers=headers)
     results = await unless_disconnected(request, collect(streams))
     choices = []
     for i, ((ids, _), r) in enumerate(zip(plan, results)):
@@ -136,7 +143,8 @@ async def completions(body: CompletionRequest, request: Request):
             "model": st.model_name,
             "choices": choices,
             "usage": usage([r.last for r in results], body.n),
-        }
+        },
+        headers=headers,
     )
 
 

@@ -27,8 +27,8 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from radixrt.frontend.detokenizer import StopRules
 from radixrt.frontend.errors import RequestError
-from radixrt.frontend.stop_strings import StopStrings
 from radixrt.sampling_params import SamplingParams
 from radixrt.server.disconnect import unless_disconnected
 from radixrt.server.settings import ServerSettings
@@ -50,29 +50,33 @@ class Preparer:
             return work()
         return await unless_disconnected(request, asyncio.get_running_loop().run_in_executor(self._pool, work))
 
-    async def stops(self, request: Request, params: list[SamplingParams], param: str) -> list[StopStrings]:
-        """The stop-string automaton of each params, one per distinct list (n choices share theirs).
+    async def stops(self, request: Request, params: list[SamplingParams], param: str) -> list[StopRules]:
+        """The stop-string automaton and compiled stop regexes of each params, one per distinct pair
+        of lists (n choices share theirs).
 
         Each list was checked against the limits already (`make_params`); a request whose distinct
         lists hold more characters in all than one list may (a batch with different stops per
-        prompt) is refused, so no request builds more than one full-size automaton's worth.
+        prompt) is refused, so no request builds more than one full-size automaton's worth (and
+        one full list of regexes).
         """
-        distinct = {tuple(p.stop) for p in params}
-        size = sum(len(s) for stops in distinct for s in stops)
+        key = lambda p: (tuple(p.stop), tuple(p.stop_regex))  # noqa: E731
+        distinct = {key(p) for p in params}
         max_chars = self.settings.max_stop_strings * self.settings.max_stop_chars
-        if size > max_chars:
-            raise RequestError(
-                f"{param}: the prompts of this request carry {size:,} characters of stop strings in all; "
-                f"at most {max_chars:,} (--max-stop-strings x --max-stop-chars)",
-                400,
-                param,
-            )
+        for k, name in ((0, param), (1, f"{param}_regex")):
+            size = sum(len(s) for lists in distinct for s in lists[k])
+            if size > max_chars:
+                raise RequestError(
+                    f"{name}: the prompts of this request carry {size:,} characters of them in all; "
+                    f"at most {max_chars:,} (--max-stop-strings x --max-stop-chars)",
+                    400,
+                    name,
+                )
 
-        def build() -> list[StopStrings]:
-            built = {stops: StopStrings(stops) for stops in distinct}
-            return [built[tuple(p.stop)] for p in params]
+        def build() -> list[StopRules]:
+            built = {(s, r): StopRules.build(SamplingParams(stop=list(s), stop_regex=list(r))) for s, r in distinct}
+            return [built[key(p)] for p in params]
 
-        return await self.run(request, size, build)
+        return await self.run(request, sum(len(s) for lists in distinct for group in lists for s in group), build)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

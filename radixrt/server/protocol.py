@@ -5,8 +5,8 @@ Bounds live here (the schema shows them, and a bad value is refused with the fie
 Every list is cheap to refuse: pydantic checks `max_length` before the items, and `fail_fast`
 stops at the first bad item instead of collecting one error per item (a million bad items
 would take seconds of the event loop). Limits set per server (stop strings) are checked in
-server/common.py. Unknown fields are ignored, as OpenAI clients send options we do
-not implement.
+server/common.py. A field a model does not declare is refused with a 400 that names it
+(server/fields.py): an option silently ignored would change the output unseen.
 """
 
 from __future__ import annotations
@@ -14,10 +14,19 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
+from radixrt.frontend.chat_template import MAX_TEMPLATE_KWARGS
 from radixrt.frontend.errors import RequestError
-from radixrt.sampling_params import MAX_SALT_CHARS
+from radixrt.sampling_params import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_SALT_CHARS
+from radixrt.server.fields import (
+    GENERATE_DEFAULT_ONLY,
+    GENERATE_UNSUPPORTED,
+    OPENAI_DEFAULT_ONLY,
+    OPENAI_UNSUPPORTED,
+    StrictBody,
+    field_error,
+)
 
 INT32 = 2**31 - 1
 MAX_N = 16  # choices per request
@@ -25,6 +34,8 @@ MAX_PROMPTS = 256  # prompts in one completions or /generate request
 MAX_MESSAGES = 4096  # a chat's messages: every template spends a few tokens on each
 MAX_CONTENT_PARTS = 256  # text parts of one message
 MAX_TOOLS = 128  # OpenAI's limit
+MAX_RID_CHARS = 256  # a client's request id (rid, request_id, X-Request-Id): printable ASCII, no spaces
+MAX_METADATA = 16  # OpenAI's limit on metadata pairs
 
 TokenId = Annotated[int, Field(ge=0, le=INT32)]
 TokenIds = Annotated[list[TokenId], Field(fail_fast=True)]
@@ -32,22 +43,36 @@ Prompts = Annotated[list[str], Field(max_length=MAX_PROMPTS, fail_fast=True)]
 PromptIds = Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS, fail_fast=True)]
 MaxTokens = Annotated[int, Field(ge=0, le=INT32)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+RequestId = Annotated[str, Field(min_length=1, max_length=MAX_RID_CHARS, pattern=r"^[!-~]+$")]
+LogitBias = Annotated[
+    dict[TokenId, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
+    Field(max_length=MAX_LOGIT_BIAS_TOKENS, description="token id -> bias added to its logit, in [-100, 100]"),
+]
+StopList = Annotated[list[Annotated[str, Field(min_length=1)]], Field(fail_fast=True)]
+TemplateKwargs = Annotated[
+    dict[str, Any],
+    Field(max_length=MAX_TEMPLATE_KWARGS, description="extra chat template variables, e.g. enable_thinking"),
+]
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Body(StrictBody):
+    pass
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    default_only = {"continuous_usage_stats": ((False,), "send usage with every chunk")}
 
 
 class TextPart(_Body):
     type: str
     text: str | None = None
+    unsupported = {name: "radixrt serves text-only models" for name in ("image_url", "input_audio", "file")}
 
 
 class ChatMessage(_Body):
+    unsupported = {"function_call": "OpenAI's deprecated form; send tool_calls", "audio": "text-only models"}
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS, fail_fast=True)] | None = None
     name: str | None = None
@@ -103,6 +128,9 @@ class NamedToolChoice(_Body):
 class SamplingFields(_Body):
     """Options shared by chat and text completions (OpenAI names; extensions as in vLLM/SGLang)."""
 
+    default_only = OPENAI_DEFAULT_ONLY
+    unsupported = OPENAI_UNSUPPORTED
+
     model: str | None = Field(None, description="the served model's id (see /v1/models); optional")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1")
     top_p: float | None = Field(None, gt=0, le=1)
@@ -115,7 +143,19 @@ class SamplingFields(_Body):
     seed: Seed | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    user: str | None = None
+    logit_bias: LogitBias | None = None
+    user: str | None = Field(None, max_length=256, description="accepted; it does not change the output")
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=MAX_METADATA, description="accepted; stored nowhere"
+    )
+    safety_identifier: str | None = Field(None, max_length=256, description="accepted; it does not change the output")
+    prompt_cache_key: str | None = Field(None, max_length=256, description="accepted; the radix cache needs no key")
+    request_id: RequestId | None = Field(
+        None,
+        validation_alias=AliasChoices("request_id", "rid"),
+        description="vLLM's (alias SGLang's rid): the response id is built from it, and /abort_request takes it; "
+        "default: the X-Request-Id header, else a fresh one",
+    )
     cache_salt: str | None = Field(
         None,
         min_length=1,
@@ -129,7 +169,13 @@ class SamplingFields(_Body):
     min_tokens: MaxTokens = 0
     ignore_eos: bool = False
     stop_token_ids: TokenIds | None = None
+    stop_regex: str | StopList | None = Field(
+        None, description="SGLang's: generation ends where the output matches one of these regexes"
+    )
+    include_stop_str_in_output: bool = Field(False, description="vLLM's: keep the matched stop string in the text")
+    no_stop_trim: bool = Field(False, description="SGLang's name for include_stop_str_in_output")
     skip_special_tokens: bool = True
+    add_special_tokens: bool = Field(False, description="tokenize the prompt with the tokenizer's special tokens")
     # Constrained output: OpenAI's response_format, or one of radixrt/SGLang's fields (vLLM's names work too).
     response_format: ResponseFormat | None = None
     regex: str | None = Field(
@@ -191,6 +237,26 @@ class ChatCompletionRequest(SamplingFields):
     )
     parallel_tool_calls: bool | None = Field(None, description="accepted; a forced call is always a single one")
     add_generation_prompt: bool = True
+    continue_final_message: bool = Field(
+        False, description="vLLM's: continue the last (assistant) message instead of starting a new one"
+    )
+    chat_template_kwargs: TemplateKwargs | None = None
+    default_only = {
+        **OPENAI_DEFAULT_ONLY,
+        "echo": ((False,), "echo the last message"),
+        "best_of": ((1,), "pick the best of several samples (n samples are all returned)"),
+    }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _continue_or_prompt(cls, data: Any) -> Any:
+        """continue_final_message leaves the last message open: no generation prompt after it (vLLM's rule)."""
+        if isinstance(data, dict) and data.get("continue_final_message") is True:
+            if data.get("add_generation_prompt"):
+                raise field_error("add_generation_prompt", "continue_final_message continues the last message: "
+                                  "add_generation_prompt must be false (or left out)")  # fmt: skip
+            data = {**data, "add_generation_prompt": False}
+        return data
 
 
 class CompletionRequest(SamplingFields):
@@ -205,11 +271,18 @@ class CompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(_Body):
+    """vLLM's /tokenize (and SGLang's): a prompt, or chat messages through the template."""
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES, fail_fast=True)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS, fail_fast=True)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: TemplateKwargs | None = None
     add_special_tokens: bool = False
+    return_token_strs: bool = Field(False, description="also return each token's text, as token_strs")
+    unsupported = {"chat_template": OPENAI_UNSUPPORTED["chat_template"]}
 
 
 class DetokenizeRequest(_Body):
@@ -220,6 +293,12 @@ class DetokenizeRequest(_Body):
 class GenerateRequest(_Body):
     """The native (SGLang-shaped) request: text or token ids, SGLang sampling_params names."""
 
+    default_only = GENERATE_DEFAULT_ONLY
+    unsupported = GENERATE_UNSUPPORTED
+
+    rid: RequestId | Annotated[list[RequestId], Field(max_length=MAX_PROMPTS)] | None = Field(
+        None, description="the request's id (a list: one per prompt); /abort_request takes it"
+    )
     text: str | Prompts | None = None
     input_ids: TokenIds | PromptIds | None = None
     sampling_params: (

@@ -33,9 +33,11 @@ class EngineBackend(BaseBackend):
 
     # ----- generation --------------------------------------------------------------------
 
-    def generate(self, s, sampling_params: SglSamplingParams) -> tuple[str, dict[str, Any]]:
-        params = _engine_params(sampling_params)
-        out = self.engine.generate(s.text_, params)
+    def generate(self, s, sampling_params: SglSamplingParams) -> tuple[str | list[str], Any]:
+        """The text and its meta info; for n > 1, the n texts and their meta infos."""
+        out = self.engine.generate(s.text_, _engine_params(sampling_params))
+        if isinstance(out, list):
+            return [o.text for o in out], [_meta_info(o, sampling_params) for o in out]
         return out.text, _meta_info(out, sampling_params)
 
     def generate_stream(self, s, sampling_params: SglSamplingParams) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -59,14 +59,13 @@ class OpenAI(BaseBackend):
 
     # ----- generation --------------------------------------------------------------------
 
-    def generate(self, s, sampling_params: SglSamplingParams) -> tuple[str, dict[str, Any]]:
+    def generate(self, s, sampling_params: SglSamplingParams) -> tuple[str | list[str], Any]:
+        """The text and its meta info; for n > 1, the n choices' texts and meta infos."""
         res = self._call(s, sampling_params, stream=False)
         self._count(res.usage)
-        if self.is_chat_model:
-            text, reason = res.choices[0].message.content or "", res.choices[0].finish_reason
-        else:
-            text, reason = res.choices[0].text, res.choices[0].finish_reason
-        return text, _meta(res.usage, reason)
+        texts = [(c.message.content or "") if self.is_chat_model else c.text for c in res.choices]
+        metas = [_meta(res.usage, c.finish_reason) for c in res.choices]
+        return (texts, metas) if sampling_params.n > 1 else (texts[0], metas[0])
 
     def generate_stream(self, s, sampling_params: SglSamplingParams) -> Iterator[tuple[str, dict[str, Any]]]:
         for chunk in self._call(s, sampling_params, stream=True):
@@ -97,6 +96,8 @@ class OpenAI(BaseBackend):
         }
         if sp.stop_list():
             kwargs["stop"] = sp.stop_list()
+        if sp.n > 1:
+            kwargs["n"] = sp.n
         if stream:
             kwargs["stream_options"] = {"include_usage": True}
         extra = {
@@ -107,6 +108,7 @@ class OpenAI(BaseBackend):
                 "min_tokens": sp.min_new_tokens or None,
                 "ignore_eos": sp.ignore_eos or None,
                 "stop_token_ids": list(sp.stop_token_ids) or None,
+                "stop_regex": sp.stop_regex_list() or None,  # SGLang's and radixrt's extension
             }.items()
             if v is not None
         }

@@ -45,7 +45,7 @@ class RuntimeEndpoint(BaseBackend):
             base_url=self.base_url, headers=headers, timeout=timeout, verify=True if verify is None else verify
         )
         self.model_info = self._request("GET", "/get_model_info")
-        self.tokenizer = _local_tokenizer(self.model_info.get("model_path"))
+        self.tokenizer = _local_tokenizer(self.model_info.get("tokenizer_path") or self.model_info.get("model_path"))
         if chat_template_name is not None:
             if chat_template_name not in NAMED_TEMPLATES:
                 raise ValueError(f"chat_template_name must be one of {', '.join(NAMED_TEMPLATES)}")
@@ -61,8 +61,11 @@ class RuntimeEndpoint(BaseBackend):
 
     # ----- generation --------------------------------------------------------------------
 
-    def generate(self, s, sampling_params: SglSamplingParams) -> tuple[str, dict[str, Any]]:
+    def generate(self, s, sampling_params: SglSamplingParams) -> tuple[str | list[str], Any]:
+        """The text and its meta info; for n > 1, the n texts and their meta infos."""
         obj = self._request("POST", "/generate", json=_body(s.text_, sampling_params))
+        if isinstance(obj, list):
+            return [o["text"] for o in obj], [o["meta_info"] for o in obj]
         return obj["text"], obj["meta_info"]
 
     def generate_stream(self, s, sampling_params: SglSamplingParams) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -125,7 +128,14 @@ class RuntimeEndpoint(BaseBackend):
             self._request("POST", "/generate", json={"text": prefix_str, "sampling_params": {"max_new_tokens": 0}})
 
     def flush_cache(self, empty_cache: bool = True) -> bool:
-        return bool(self._request("POST", "/flush_cache").get("flushed", False))
+        """True once flushed; False when the server refused (requests running: a 400, as in SGLang)."""
+        try:
+            res = self.client.post("/flush_cache")
+        except httpx.TransportError as exc:
+            raise BackendError(f"cannot reach the radixrt server at {self.base_url}: {exc}") from exc
+        if res.status_code not in (200, 400):
+            self._raise(res)
+        return res.status_code == 200
 
     def get_server_info(self) -> dict[str, Any]:
         return self._request("GET", "/get_server_info")
