@@ -12,6 +12,7 @@ restarted.
 
     nice python bench/grammar_coverage.py                     # whole corpus, all backends
     nice python bench/grammar_coverage.py --sample 300 --raw  # engines without our keyword audit
+    nice python bench/grammar_coverage.py --lenient            # strict false: unenforceable keywords dropped
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def load_tokenizer():
 # ---- worker process ------------------------------------------------------------------------
 def _worker(conn, backend_name: str, args: dict) -> None:
     from radixrt.constrained import GrammarError, get_backend
+    from radixrt.constrained.lenient import enforced
     from radixrt.constrained.vocab import token_bytes
     from radixrt.constrained.walk import Walker, json_validator
 
@@ -58,13 +60,13 @@ def _worker(conn, backend_name: str, args: dict) -> None:
         spec = Path(path).read_text()
         rec: dict = {"schema": str(Path(path).relative_to(CORPUS))}
         try:
-            compiled = backend.compile("json_schema", spec)
+            compiled = backend.compile("json_schema_lenient" if args["lenient"] else "json_schema", spec)
         except GrammarError as exc:
             rec.update(status="compile_error", error=str(exc)[:300])
             conn.send((rec, []))
             continue
-        rec.update(status="ok", compile_s=compiled.compile_s)
-        check = json_validator(json.loads(spec))
+        rec.update(status="ok", compile_s=compiled.compile_s, unenforced=list(compiled.unenforced))
+        check = json_validator(enforced(json.loads(spec), compiled.unenforced))  # lenient: what was kept
         rng = random.Random(zlib.crc32(rec["schema"].encode()))
         deadline = time.perf_counter() + args["walk_budget"]
         mask_s: list[float] = []
@@ -136,6 +138,7 @@ def summarize(records: list[dict], mask_s: list[float]) -> dict:
         "walk_errors": count(lambda r: r.get("errors", 0) > 0),
         "unfinished": count(lambda r: r["status"] == "ok" and r["finished"] == 0),
         "compile_errors": count(lambda r: r["status"] == "compile_error"),
+        "with_unenforced": count(lambda r: bool(r.get("unenforced"))),
         "timeouts": count(lambda r: r["status"] == "timeout"),
         "crashes": count(lambda r: r["status"] == "crash"),
         "compile_ms_p50": float(np.percentile(compile_ms, 50)),
@@ -181,14 +184,17 @@ def main() -> None:
     ap.add_argument("--walk-budget", type=float, default=10.0, help="seconds per schema for all its walks")
     ap.add_argument("--vocab-size", type=int, default=0, help="logits width (0 = the tokenizer's)")
     ap.add_argument("--raw", action="store_true", help="skip our audit of keywords an engine ignores")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/grammar_coverage.json"))
+    ap.add_argument("--lenient", action="store_true",
+                    help="compile as response_format strict false; outputs checked against what was enforced")
+    ap.add_argument("--out", default=None, help="default: bench/results/grammar_coverage[_lenient].json")
     opts = ap.parse_args()
+    opts.out = opts.out or str(ROOT / f"bench/results/grammar_coverage{'_lenient' if opts.lenient else ''}.json")
 
     files = sorted(CORPUS.glob("*/*.json"))
     if opts.sample:
         files = sorted(random.Random(opts.seed).sample(files, min(opts.sample, len(files))))
     args = {"walks": opts.walks, "free_steps": [int(x) for x in opts.free_steps.split(",")],
-            "max_tokens": opts.max_tokens, "walk_budget": opts.walk_budget, "raw": opts.raw,
+            "max_tokens": opts.max_tokens, "walk_budget": opts.walk_budget, "raw": opts.raw, "lenient": opts.lenient,
             "vocab_size": opts.vocab_size}
     summaries, results = {}, {}
     for name in opts.backends.split(","):

@@ -68,6 +68,8 @@ class ReqOutput(msgspec.Struct):
     top_logprobs: list[TopLogprobs] | None = None
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[TopLogprobs] | None = None
+    # With the first tokens of a lenient json_schema request: JSON pointers of the keywords dropped.
+    unenforced: list[str] | None = None
 
 
 class StepOutputs(msgspec.Struct, tag="outputs"):

@@ -48,6 +48,7 @@ class Req:
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     grammar: GrammarMatcher | None = None  # set once the request's grammar has compiled
+    grammar_unenforced: tuple[str, ...] = ()  # a lenient schema's dropped keywords (reported once)
     finish_reason: str | None = None
     error: str | None = None
     first_token_time: float | None = None

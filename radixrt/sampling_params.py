@@ -60,6 +60,9 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     logprob_start_len: int = 0
     # Constrained decoding: at most one of these.
     json_schema: str | None = None
+    # False: keywords the grammar engine cannot enforce are dropped, not refused, and listed in the
+    # output (`unenforced`); OpenAI's response_format.json_schema.strict (constrained/lenient.py).
+    json_schema_strict: bool = True
     regex: str | None = None
     ebnf: str | None = None
     choices: list[str] | None = None
@@ -90,6 +93,8 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     @property
     def grammar_spec(self) -> tuple[str, str] | None:
         """The constraint as (kind, spec text), or None when unconstrained."""
+        if self.json_schema is not None and not self.json_schema_strict:
+            return "json_schema_lenient", self.json_schema
         for kind in ("json_schema", "regex", "ebnf"):
             value = getattr(self, kind)
             if value is not None:
@@ -140,6 +145,8 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             )
         constraints = [k for k in ("json_schema", "regex", "ebnf", "choices") if getattr(self, k) is not None]
         _check(len(constraints) <= 1, "json_schema", "at most one of json_schema, regex, ebnf, choices", constraints)
+        _check(self.json_schema_strict or self.json_schema is not None, "json_schema_strict",
+               "applies to json_schema only (none given)", self.json_schema_strict)
         if self.choices is not None:
             _check(len(self.choices) > 0, "choices", "must not be empty", self.choices)
         if self.cache_salt is not None:

@@ -12,6 +12,7 @@ import json
 import random
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ import torch
 from radixrt.constrained import (
     GrammarError, allocate_bitmask, apply_bitmask, bitmask_to_allowed, get_backend, tool_call_schema,
 )
+from radixrt.constrained.lenient import enforced
 from radixrt.constrained.vocab import token_bytes
 from radixrt.constrained.walk import Walker, json_validator
 
@@ -349,3 +351,34 @@ def test_mixed_batch_constrained_rows_obey_and_free_rows_are_untouched(backend, 
         for row, m in matchers.items():
             if not m.is_terminated():
                 assert m.accept_token(int(tokens[row])), f"row {row}: sampled a token its grammar rejects"
+
+
+# ---- lenient schemas: tests/data/schemas/lenient (35 real-world shapes, each keyword) ------------
+LENIENT = sorted((Path(__file__).parent / "data" / "schemas" / "lenient").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", LENIENT, ids=[p.stem for p in LENIENT])
+def test_lenient_schema_compiles_what_strict_refuses(backend, walker, path):
+    """Strict: refused, naming a keyword it would drop and where. Lenient: compiles, the list names
+    exactly what was dropped (the expected list is written for llguidance), and every output is
+    valid against the schema rebuilt from that list."""
+    case = json.loads(path.read_text())
+    schema, spec = case["schema"], json.dumps(case["schema"])
+    try:
+        compiled = backend.compile("json_schema_lenient", spec)
+    except GrammarError as exc:  # xgrammar, outlines: structural keywords (allOf, ...) stay refused
+        assert backend.name != "llguidance" and "does not enforce JSON schema keyword" in str(exc), str(exc)
+        return
+    if backend.name == "llguidance":
+        assert sorted(compiled.unenforced) == sorted(case["unenforced"])
+        if case["unenforced"]:
+            with pytest.raises(GrammarError) as info:
+                backend.compile("json_schema", spec)
+            named = re.match(r"llguidance does not enforce JSON schema keyword '(\w+)' at (\S+?)[ ;]", str(info.value))
+            assert named and f"{named[2].rstrip('/')}/{named[1]}" in case["unenforced"], str(info.value)
+    check, rng = json_validator(enforced(schema, compiled.unenforced)), random.Random(0)
+    for i in range(4):
+        w = walker.walk(backend.matcher(compiled), rng, free_steps=(0, 4, 16, 48)[i], max_tokens=400)
+        assert not w.error, w.error
+        if w.terminated:
+            assert check(w.text) is None, f"{backend.name}: {w.text!r}: {check(w.text)}"

@@ -365,3 +365,32 @@ def test_oneof_becomes_anyof_exactly_when_every_pair_is_disjoint(branches, outer
     expected = all(_disjoint_by_definition(a, b, outer) for i, a in enumerate(branches) for b in branches[i + 1:])
     out = normalize(schema)
     assert ("anyOf" in out and "oneOf" not in out) == expected
+
+
+# ---- lenient schemas: the same limits, the same process, a bounded amount of engine work ------------
+def test_lenient_schemas_keep_the_limits_and_cross_the_process_boundary():
+    from radixrt.constrained.sandbox import PreparationProcess
+
+    for kind in ("json_schema", "json_schema_lenient"):
+        with pytest.raises(GrammarTooLarge, match="max_alternatives"):
+            prepare("llguidance", kind, json.dumps(objects(11)), limits=GrammarLimits(max_alternatives=10))
+    process = PreparationProcess("llguidance", True, GrammarLimits())
+    try:
+        spec = json.dumps({"type": "array", "items": {"type": "integer"}, "uniqueItems": True})
+        prepared = process.prepare("json_schema_lenient", spec, time.monotonic() + 30)
+        assert prepared.unenforced == ("/uniqueItems",) and prepared.text
+        assert process.prepare("json_schema", '{"type": "integer"}', time.monotonic() + 30).unenforced == ()
+        with pytest.raises(GrammarError, match="'uniqueItems' at /"):
+            process.prepare("json_schema", spec, time.monotonic() + 30)
+    finally:
+        process.close()
+
+
+def test_lenient_engine_probes_are_bounded():
+    """llguidance is asked to compile the schema again only for a few oneOfs (MAX_ONE_OF_PROBES):
+    a schema with thousands of overlapping ones is relaxed in one pass, not one compile each."""
+    overlapping = {"type": "object", "properties": {
+        f"p{i}": {"oneOf": [{"type": "integer"}, {"type": "number"}]} for i in range(2000)}}
+    start = time.perf_counter()
+    prepared = prepare("llguidance", "json_schema_lenient", json.dumps(overlapping))
+    assert len(prepared.unenforced) == 101 and time.perf_counter() - start < 10  # 100 shown + "... and 1,900 more"

@@ -225,3 +225,52 @@ def test_ascii_classes_rewrites_only_class_escapes():
     assert ascii_classes(r"\\d\[\d\]") == r"\\d\[[0-9]\]"  # an escaped backslash, escaped brackets
     assert ascii_classes(r"[]\d][^]\w]") == r"[]0-9][^]0-9A-Za-z_]"
     assert ascii_classes(r"[^\D]") == r"[^\D]"  # negated class inside a class: left alone
+
+
+# ---- lenient schemas (response_format strict false): what is dropped, and only that ------------
+def test_relax_drops_what_the_backend_would_refuse_and_names_it():
+    from radixrt.constrained.lenient import enforced, regular_pattern, relax
+
+    schema = {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"type": "string", "minLength": 2}, "uniqueItems": True},
+        "n": {"oneOf": [{"type": "integer"}, {"type": "number"}]},
+        "kind": {"oneOf": [{"const": "a"}, {"const": "b"}]},  # disjoint: enforced as it is, unreported
+        "a/b": {"type": "integer", "not": {"const": 3}},
+        "id": {"type": "string", "pattern": "^(?!0)[0-9]+$", "format": "non-standard"}}}
+    relaxed, dropped = relax(schema, "xgrammar", regular_pattern)
+    assert sorted(dropped) == ["/properties/a~1b/not", "/properties/id/pattern", "/properties/n/oneOf",
+                               "/properties/tags/items/minLength", "/properties/tags/uniqueItems"]
+    assert relaxed["properties"]["n"] == {"anyOf": [{"type": "integer"}, {"type": "number"}]}
+    assert relaxed["properties"]["kind"] == {"anyOf": [{"const": "a"}, {"const": "b"}]}
+    assert relaxed["additionalProperties"] is False  # closed once nothing open-world is left
+    check(relaxed, "xgrammar")  # what is left, xgrammar enforces
+    assert normalize(enforced(schema, dropped)) == relaxed  # the list rebuilds exactly what was compiled
+    assert schema["properties"]["tags"]["uniqueItems"] is True  # the caller's schema is not touched
+    no_ops = {"type": "array", "uniqueItems": False, "then": {"minItems": 1}, "minContains": 2, "format": "x-list"}
+    assert relax(no_ops, "xgrammar", regular_pattern) == ({"type": "array"}, [])  # constrain nothing: unreported
+    structural = {"allOf": [{"type": "object"}], "not": {"type": "null"}}
+    relaxed, dropped = relax(structural, "xgrammar", regular_pattern)
+    assert dropped == ["/not"]
+    with pytest.raises(GrammarError, match="allOf"):  # never dropped: the schema is refused
+        check(relaxed, "xgrammar")
+
+
+def test_regular_pattern_finds_what_no_automaton_compiles():
+    from radixrt.constrained.lenient import regular_pattern
+
+    for pattern in ["^(?=.*[A-Z]).{8,}$", "(?!x)y", "(?<=\\$)[0-9]+", "(?<!a)b", "(a)\\1", "\\bword\\b", "\\k<n>"]:
+        assert not regular_pattern(pattern), pattern
+    for pattern in ["^[a-z]+$", "\\(?=\\)", "[(?=]", "[\\b]", "(?:ab)+", "(?<name>ab)", "\\\\1", "[]\\1]"]:
+        assert regular_pattern(pattern), pattern
+
+
+def test_the_report_is_bounded():
+    """A hostile schema cannot make the response large: at most MAX_REPORTED pointers, each short."""
+    from radixrt.constrained.lenient import MAX_POINTER_CHARS, MAX_REPORTED, regular_pattern, relax, report
+
+    many = {"type": "object", "properties": {f"p{i}": {"type": "array", "uniqueItems": True} for i in range(500)}}
+    shown = report(relax(many, "xgrammar", regular_pattern)[1])
+    assert len(shown) == MAX_REPORTED + 1 and shown[-1] == f"… and {500 - MAX_REPORTED:,} more"
+    deep = {"type": "object", "properties": {"x" * 5000: {"type": "array", "uniqueItems": True}}}
+    (pointer,) = report(relax(deep, "xgrammar", regular_pattern)[1])
+    assert len(pointer) == MAX_POINTER_CHARS and pointer.endswith("…")

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import GrammarError, one_line
-from .prepare import prepare
+from .prepare import LENIENT, Prepared, prepare
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class CompiledGrammar:
     spec: str
     handle: Any = field(repr=False)  # the engine's own compiled object
     compile_s: float = 0.0
+    unenforced: tuple[str, ...] = ()  # lenient json_schema: JSON pointers of the keywords dropped
 
 
 class GrammarMatcher(ABC):
@@ -135,17 +136,18 @@ class GrammarBackend(ABC):
         GrammarCompiler, which prepares in a separate process."""
         return self.build(kind, spec, prepare(self.name, kind, spec, self.preprocess))
 
-    def build(self, kind: str, spec: str, prepared: str) -> CompiledGrammar:
-        """The engine object for `prepared`, the text `prepare` made of `spec`. Native code that
+    def build(self, kind: str, spec: str, prepared: Prepared) -> CompiledGrammar:
+        """The engine object for `prepared`, what `prepare` made of `spec`. Native code that
         releases the GIL, so it may run on a thread beside the step loop."""
         start = time.perf_counter()
+        engine_kind = "json_schema" if kind == LENIENT else kind  # the schema is relaxed already
         try:
-            handle = self._compile(kind, prepared)
+            handle = self._compile(engine_kind, prepared.text)
         except GrammarError:
             raise
         except Exception as exc:  # the engines raise RuntimeError/ValueError with their own text
-            raise GrammarError(f"{self.name}: invalid {kind}: {one_line(exc)}") from exc
-        return CompiledGrammar(self.name, kind, spec, handle, time.perf_counter() - start)
+            raise GrammarError(f"{self.name}: invalid {engine_kind}: {one_line(exc)}") from exc
+        return CompiledGrammar(self.name, kind, spec, handle, time.perf_counter() - start, prepared.unenforced)
 
     @abstractmethod
     def _compile(self, kind: str, prepared: str) -> Any:

@@ -7,7 +7,8 @@
         │                                     engine's text (+ llguidance's validation): Python on
         │                                     untrusted input, so in a process, killable
         ▼  plain text
-    build thread ───── backend.build(text)   native; the engines release the GIL
+    build thread ───── backend.build(text)   native; the engines release the GIL (a lenient schema's
+                                             dropped keywords ride along to CompiledGrammar.unenforced)
     Both within limits.time_budget_s of the job's start; past it the job fails with
     GrammarTimeout (its process is killed and replaced; a native build is left to finish).
 
@@ -35,7 +36,7 @@ from typing import Callable
 from .base import CompiledGrammar, GrammarBackend
 from .errors import GrammarError, GrammarTimeout, GrammarUnavailable, one_line
 from .limits import GrammarLimits
-from .prepare import check_request
+from .prepare import Prepared, check_request
 from .sandbox import PreparationProcess, PreparationProcessDied
 
 
@@ -201,7 +202,7 @@ class GrammarCompiler:
                 outcome = GrammarError(f"{job.kind}: could not prepare it: {one_line(exc)}")
             self._finish(job, outcome, time.monotonic() - start)
 
-    def _build(self, job: _Job, prepared: str, deadline: float) -> CompiledGrammar:
+    def _build(self, job: _Job, prepared: Prepared, deadline: float) -> CompiledGrammar:
         """The native build on a thread of its own, awaited until the deadline. It cannot be
         interrupted: one past the deadline finishes in the background, its result dropped."""
         try:

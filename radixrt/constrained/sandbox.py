@@ -8,7 +8,8 @@ overruns it (or whose requests all left), and the next `prepare` starts a fresh 
 
     parent ── "<kind> <nbytes>\\n" + spec ───────────► child stdin
     parent ◄─ "<status> <nbytes>\\n" + text ────────── child's original stdout (its prints go to stderr)
-              status: "ok" (text: what the engine compiles), or an errors.py class name (its message)
+              status: "ok" (text: what the engine compiles), or an errors.py class name (its message);
+              a lenient schema's "ok" comes after an "unenforced" frame (a JSON list of pointers)
 
 Plain UTF-8 text both ways; nothing is pickled. The child is exec'd (never a fork of the
 torch-laden worker), imports no torch, runs niced below the step loop, and has an address-space
@@ -31,7 +32,7 @@ from typing import BinaryIO
 
 from .errors import GrammarError, GrammarTimeout, GrammarTooLarge
 from .limits import GrammarLimits
-from .prepare import prepare
+from .prepare import Prepared, prepare
 
 _START_TIMEOUT_S = 60.0  # imports on a loaded machine
 _NICENESS = 10  # a compile yields the CPU to the step loop
@@ -72,7 +73,7 @@ class PreparationProcess:
         if status != "ready":
             raise PreparationProcessDied(f"the grammar preparation process did not start: {status!r}")
 
-    def prepare(self, kind: str, spec: str, deadline: float) -> str:
+    def prepare(self, kind: str, spec: str, deadline: float) -> Prepared:
         """`prepare(kind, spec)` in the process. Raises the GrammarError it raised, TimeoutError
         (after killing it) at `deadline` (time.monotonic()), PreparationProcessDied if it died."""
         self.start()
@@ -86,12 +87,16 @@ class PreparationProcess:
             except BrokenPipeError:  # killed while reading the spec
                 raise PreparationProcessDied(self._reap()) from None
             status, body = self._read_frame(deadline)
+            unenforced: tuple[str, ...] = ()
+            if status == "unenforced":
+                unenforced = tuple(json.loads(body))
+                status, body = self._read_frame(deadline)
         finally:
             with self._lock:
                 self._busy = False
         text = body.decode("utf-8", "surrogatepass")
         if status == "ok":
-            return text
+            return Prepared(text, unenforced)
         raise _ERRORS.get(status, GrammarError)(text)
 
     def kill(self) -> None:
@@ -158,7 +163,10 @@ def _serve(backend: str, preprocess: bool, limits: GrammarLimits) -> None:
         kind, size = header.decode().split()
         spec = requests.read(int(size)).decode("utf-8", "surrogatepass")
         try:
-            _reply(replies, "ok", prepare(backend, kind, spec, preprocess, limits))
+            prepared = prepare(backend, kind, spec, preprocess, limits)
+            if prepared.unenforced:
+                _reply(replies, "unenforced", json.dumps(prepared.unenforced))
+            _reply(replies, "ok", prepared.text)
         except GrammarError as exc:
             _reply(replies, type(exc).__name__, str(exc))
 

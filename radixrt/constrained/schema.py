@@ -111,6 +111,15 @@ def _object_keywords_on_other_type(node: dict) -> bool:
     return types is not None and "object" not in types
 
 
+def _outlines_properties(node: dict) -> bool:
+    """outlines: properties on a non-object type; or a property that takes any value, whose regex
+    alternatives outlines leaves ungrouped ({"v": {}} let `[3]` or `[null]` through as the object)."""
+    props = node.get("properties")
+    any_value = isinstance(props, dict) and any(v is True or isinstance(v, dict) and not set(v) - _ANNOTATIONS
+                                                for v in props.values())
+    return any_value or _object_keywords_on_other_type(node)
+
+
 _RISKY_ESCAPES = ("s", "S", "W", "D", "p", "P", "t", "n", "r", "f", "v", "x", "u", "\\")
 
 
@@ -129,11 +138,11 @@ def _format_in(*names: str) -> Rule:
     return lambda node: node.get("format") in names
 
 
-_NEVER = ("not", "if", "then", "else", "uniqueItems", "contains", "minContains", "maxContains",
-          "dependencies", "dependentRequired", "dependentSchemas", "unevaluatedProperties",
-          "unevaluatedItems")
+NEVER_ENFORCED = ("not", "if", "then", "else", "uniqueItems", "contains", "minContains", "maxContains",
+                  "dependencies", "dependentRequired", "dependentSchemas", "unevaluatedProperties",
+                  "unevaluatedItems")  # by no engine
 
-_COMMON = {**dict.fromkeys(_NEVER), "allOf": None, "oneOf": None,  # a oneOf left by normalize overlaps
+_COMMON = {**dict.fromkeys(NEVER_ENFORCED), "allOf": None, "oneOf": None,  # a oneOf left by normalize overlaps
            "anyOf": _with_siblings, "required": _undeclared_required, "$ref": _ref_with_siblings}
 
 UNSUPPORTED: dict[str, dict[str, Rule]] = {
@@ -141,14 +150,16 @@ UNSUPPORTED: dict[str, dict[str, Rule]] = {
         **_COMMON,
         "minLength": None, "maxLength": None,  # bounded strings admit raw control characters
         "multipleOf": None,
-        "format": _format_in("date", "date-time", "hostname", "ipv4"),  # any day 01-31; long labels; 077
+        # date: any day 01-31; hostname: long labels; ipv4: 077; idn-*, iri*, regex: any string at all
+        "format": _format_in("date", "date-time", "hostname", "ipv4", "idn-email", "idn-hostname", "iri",
+                             "iri-reference", "regex"),
     },
     "llguidance": {},
     "outlines": {
         **_COMMON,
         **dict.fromkeys(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
                          "minProperties", "maxProperties", "propertyNames", "patternProperties")),
-        "properties": _object_keywords_on_other_type,  # {"type": "array", "properties": {}} -> {}
+        "properties": _outlines_properties,  # {"type": "array", "properties": {}} -> {}; {"v": {}} anything
         "pattern": _pattern_may_break_json,
         "minLength": _length_with_pattern, "maxLength": _length_with_pattern,
         # date: any day 01-31; date-time, time: no offset, bad escapes; email, uri: unescaped quotes
@@ -193,7 +204,7 @@ def _children(path: str, node: dict) -> Iterator[tuple[str, Any]]:
     for key in _SCHEMA_MAPS:
         if isinstance(node.get(key), dict):
             for name, sub in node[key].items():
-                yield f"{path}/{key}/{name}", sub
+                yield f"{path}/{key}/{_token(name)}", sub
     for key in _SCHEMA_LISTS:
         if isinstance(node.get(key), list):
             for i, sub in enumerate(node[key]):
@@ -208,4 +219,9 @@ def _children(path: str, node: dict) -> Iterator[tuple[str, Any]]:
         yield f"{path}/items", items
     if isinstance(node.get("dependencies"), dict):
         for name, sub in node["dependencies"].items():
-            yield f"{path}/dependencies/{name}", sub
+            yield f"{path}/dependencies/{_token(name)}", sub
+
+
+def _token(name: str) -> str:
+    """A property name as one JSON-pointer token (RFC 6901)."""
+    return name.replace("~", "~0").replace("/", "~1")

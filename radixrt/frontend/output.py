@@ -41,6 +41,7 @@ class Delta:
     matched_stop: int | str | None = None  # the stop token id, stop string or stop regex that ended it
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[TopLogprobs] | None = None
+    unenforced: list[str] | None = None  # lenient json_schema: the keywords not enforced (on the last Delta)
 
 
 class OutputStream:
@@ -51,12 +52,14 @@ class OutputStream:
             tokenizer, stops or StopRules.build(params), params.skip_special_tokens, params.include_stop_str_in_output
         )
         self.ends_in_front_end = False  # a stop string matched before the worker finished
+        self.unenforced: list[str] | None = None  # sent with the first tokens; reported on the last Delta
 
     def add(self, out: ipc.ReqOutput) -> Delta | None:
         """The Delta for one worker output (None when it adds nothing to show); raises RequestError
         when the worker refused or failed the request."""
         if out.error:
             raise RequestError(out.error, out.error_status)
+        self.unenforced = out.unenforced or self.unenforced
         text = self.detok.add(out.new_token_ids)
         usage = Usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
         stop = self.detok.matched_stop
@@ -78,6 +81,7 @@ class OutputStream:
             matched_stop=stop if stop is not None else out.matched_stop,
             prompt_logprobs=out.prompt_logprobs,
             prompt_top_logprobs=out.prompt_top_logprobs,
+            unenforced=self.unenforced,
         )
 
 

@@ -343,6 +343,17 @@ async def _gated(stream: AsyncIterator[Delta], gate: asyncio.Event) -> AsyncIter
             yield d
 
 
+UNENFORCED_FIELD = "radixrt_unenforced"
+
+
+def unenforced(lasts: list[Delta | None]) -> dict[str, list[str]]:
+    """The response field of a lenient json_schema (response_format strict false or absent): JSON
+    pointers of the keywords the grammar did not enforce. OpenAI clients keep an unknown
+    top-level field as an extra attribute; {} when everything was enforced."""
+    found = next((d.unenforced for d in lasts if d is not None and d.unenforced), None)
+    return {UNENFORCED_FIELD: found} if found else {}
+
+
 async def collect(streams: list[AsyncIterator[Delta]]) -> list[Collected]:
     results = [Collected() for _ in streams]
     async for i, d in merge(streams):

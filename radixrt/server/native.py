@@ -165,7 +165,7 @@ def _stream_ids(body: GenerateRequest, request: Request, samples: list[int]) -> 
 
 def _grammar_param(p) -> str | None:
     spec = p.grammar_spec
-    return f"sampling_params.{spec[0]}" if spec else None
+    return f"sampling_params.{'json_schema' if spec[0] == 'json_schema_lenient' else spec[0]}" if spec else None
 
 
 def _finish_reason(d: Delta | None) -> dict | None:
@@ -191,6 +191,8 @@ def _result(body: GenerateRequest, mgr, rid: str, ids: list[int], r: Collected) 
         "completion_tokens": d.usage.completion_tokens if d else len(r.token_ids),
         "cached_tokens": d.usage.cached_tokens if d else 0,
     }
+    if d is not None and d.unenforced:  # sampling_params.json_schema_strict false: what was dropped
+        meta["unenforced"] = d.unenforced
     if body.return_logprob:
         tok, txt = mgr.tokenizer, body.return_text_in_logprobs
         meta["output_token_logprobs"] = _triples(tok, r.logprobs, r.token_ids, txt)

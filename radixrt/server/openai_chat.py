@@ -32,6 +32,7 @@ from radixrt.server.common import (
     sse_error,
     state,
     stream_ids,
+    unenforced,
     usage,
 )
 from radixrt.server.disconnect import unless_disconnected
@@ -130,6 +131,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             "model": st.model_name,
             "choices": choices,
             "usage": usage([r.last for r in results], body.n),
+            **unenforced([r.last for r in results]),
         },
         headers=headers,
     )
@@ -138,13 +140,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def chat_stream(st: ServerState, body: ChatCompletionRequest, rid: str, created: int, streams, tools: ToolPlan):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(i: int, delta: dict, reason: str | None = None, logprobs=None) -> bytes:
+    def chunk(i: int, delta: dict, reason: str | None = None, logprobs=None, extra: dict | None = None) -> bytes:
         out = {
             "id": rid,
             "object": "chat.completion.chunk",
             "created": created,
             "model": st.model_name,
             "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
+            **(extra or {}),
         }
         if include_usage:
             out["usage"] = None
@@ -173,7 +176,7 @@ async def chat_stream(st: ServerState, body: ChatCompletionRequest, rid: str, cr
                     if calls:
                         yield chunk(i, {"tool_calls": [dict(c, index=k) for k, c in enumerate(calls)]})
                         reason = "tool_calls"
-                yield chunk(i, {}, reason)
+                yield chunk(i, {}, reason, extra=unenforced([d]))
         if include_usage:
             yield sse(
                 {

@@ -31,6 +31,7 @@ from radixrt.server.common import (
     sse_error,
     state,
     stream_ids,
+    unenforced,
     usage,
 )
 from radixrt.server.disconnect import unless_disconnected
@@ -143,6 +144,7 @@ async def completions(body: CompletionRequest, request: Request):
             "model": st.model_name,
             "choices": choices,
             "usage": usage([r.last for r in results], body.n),
+            **unenforced([r.last for r in results]),
         },
         headers=headers,
     )
@@ -153,13 +155,14 @@ async def completion_stream(st: ServerState, body: CompletionRequest, rid: str, 
     tok = st.manager.tokenizer
     builders = [CompletionLogprobs(tok) for _ in plan]
 
-    def chunk(i: int, text: str, reason: str | None = None, logprobs=None) -> bytes:
+    def chunk(i: int, text: str, reason: str | None = None, logprobs=None, extra: dict | None = None) -> bytes:
         out = {
             "id": rid,
             "object": "text_completion",
             "created": created,
             "model": st.model_name,
             "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}],
+            **(extra or {}),
         }
         if include_usage:
             out["usage"] = None
@@ -178,7 +181,7 @@ async def completion_stream(st: ServerState, body: CompletionRequest, rid: str, 
             if d.text or d.token_ids:
                 yield chunk(i, d.text, logprobs=lp)
             if d.finished:
-                yield chunk(i, "", finish_reason(d))
+                yield chunk(i, "", finish_reason(d), extra=unenforced([d]))
         if include_usage:
             yield sse(
                 {

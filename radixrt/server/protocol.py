@@ -84,7 +84,11 @@ class JsonSchemaFormat(_Body):
     name: str | None = Field(None, max_length=64)
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema the reply must satisfy")
-    strict: bool | None = Field(None, description="accepted; the schema is enforced either way")
+    strict: bool | None = Field(
+        None,
+        description="true: enforced exactly, or a 400 naming the keyword the engine cannot enforce; false or "
+        "absent: such keywords are dropped and listed in the response's radixrt_unenforced",
+    )
 
 
 class ResponseFormat(_Body):
@@ -202,7 +206,8 @@ class SamplingFields(_Body):
         if rf is not None and rf.type == "json_object":
             found.append(("response_format", {"json_schema": '{"type": "object"}'}))
         elif rf is not None and rf.type == "json_schema":
-            found.append(("response_format", {"json_schema": json.dumps(rf.json_schema.schema_)}))
+            lenient = {} if rf.json_schema.strict else {"json_schema_strict": False}
+            found.append(("response_format", {"json_schema": json.dumps(rf.json_schema.schema_), **lenient}))
         for name in ("regex", "ebnf", "json_schema", "choices"):
             value = getattr(self, name)
             if name == "json_schema" and isinstance(value, str):

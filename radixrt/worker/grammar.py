@@ -61,7 +61,9 @@ class RequestGrammars:
             if error is not None:
                 failed.append((req, error))
             else:
-                req.grammar = self.compiler.backend.matcher(future.result())
+                compiled = future.result()
+                req.grammar = self.compiler.backend.matcher(compiled)
+                req.grammar_unenforced = compiled.unenforced
                 ready.append(req)
         return ready, failed
 
@@ -70,15 +72,37 @@ class RequestGrammars:
         if self.compiling:
             wait(list(self.compiling.values()), timeout=timeout, return_when=FIRST_COMPLETED)
 
-    def bitmask(self, reqs: Sequence[Req]) -> tuple[torch.Tensor, list[int]] | None:
-        """One packed mask for the step's sampling rows and the indices of the constrained ones."""
-        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
-        if not rows:
+    def bitmask(
+        self, reqs: Sequence[Req], drafts: Sequence[Sequence[int]] | None = None
+    ) -> tuple[torch.Tensor, list[int]] | None:
+        """One packed mask for the step's sampling rows and the indices of the constrained ones.
+
+        With drafts (speculative decoding), request i has 1 + len(drafts[i]) rows, row j masked as
+        if drafts[i][:j] were accepted: the matcher steps over the drafts and rolls back.
+        """
+        drafts = drafts or [()] * len(reqs)
+        if all(r.grammar is None for r in reqs):
             return None
-        mask = allocate_bitmask(len(reqs), self.vocab_size)
-        for i in rows:
-            reqs[i].grammar.fill_bitmask(mask, i)
+        mask = allocate_bitmask(sum(1 + len(d) for d in drafts), self.vocab_size)
+        rows, row = [], 0
+        for req, draft in zip(reqs, drafts):
+            if req.grammar is not None:
+                for j in range(len(draft) + 1):
+                    req.grammar.fill_bitmask(mask, row + j)
+                    if j < len(draft):
+                        req.grammar.accept_token(draft[j])  # valid: cut by valid_drafts
+                req.grammar.rollback(len(draft))
+                rows.extend(range(row, row + len(draft) + 1))
+            row += len(draft) + 1
         return mask, rows
+
+    def valid_drafts(self, req: Req, draft: Sequence[int]) -> int:
+        """How many leading draft tokens req's grammar accepts (its state is left unchanged)."""
+        n = 0
+        while n < len(draft) and req.grammar.accept_token(draft[n]):
+            n += 1
+        req.grammar.rollback(n)
+        return n
 
     def jump_forward(self, req: Req, budget: int) -> list[int]:
         """Tokens of the text the grammar forces next (already accepted), or [] when there is a choice.

@@ -257,6 +257,7 @@ class Worker:
             top_logprobs=req.output_top_logprobs[-n:] if req.params.logprobs and n else None,
             prompt_logprobs=req.prompt_logprobs if finished and req.params.prompt_logprobs else None,
             prompt_top_logprobs=req.prompt_top_logprobs if finished and req.params.prompt_logprobs else None,
+            unenforced=list(req.grammar_unenforced) if req.grammar_unenforced and n == len(req.output_ids) else None,
         )
 
     # ----- introspection -----------------------------------------------------------------
