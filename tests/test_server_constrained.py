@@ -16,8 +16,6 @@ import openai
 import pytest
 from server_process import KEY, TINY_ARGS, running_server
 
-from radixrt.server.tool_calls import ToolPlan, ToolStream
-
 MSG = [{"role": "user", "content": "w5 w6"}]
 WEATHER = {
     "type": "function",
@@ -53,50 +51,6 @@ def assert_400(r: httpx.Response, param: str) -> dict:
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param or error["param"].startswith(param + "."), error
     return error
-
-
-# ----- parsing, no server --------------------------------------------------------------------
-
-
-def test_parse_conventions():
-    hermes = ToolPlan(names=["get_weather"], convention="hermes")
-    text = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    message, reason = hermes.message(text, "stop")
-    assert reason == "tool_calls" and message["content"] == "Checking."
-    (call,) = message["tool_calls"]
-    assert call["id"].startswith("call_") and call["function"] == {
-        "name": "get_weather",
-        "arguments": '{"city": "Paris"}',
-    }
-    bad = "<tool_call>{bad json</tool_call>"
-    assert hermes.message(bad, "stop") == ({"role": "assistant", "content": bad}, "stop")
-
-    llama = ToolPlan(names=["get_weather"], convention="llama3")
-    message, reason = llama.message('{"name": "get_weather", "parameters": {"city": "Oslo"}}', "stop")
-    assert message["content"] is None and json.loads(message["tool_calls"][0]["function"]["arguments"]) == {
-        "city": "Oslo"
-    }
-    assert llama.message('{"name": "unknown_tool", "parameters": {}}', "stop")[1] == "stop"  # not a call: content
-
-    forced = ToolPlan(names=["get_weather"], schema="{}")
-    assert forced.message('{"name": "get_weather", "arguments": {"ci', "length") == (
-        {"role": "assistant", "content": '{"name": "get_weather", "arguments": {"ci'},
-        "length",
-    )
-
-
-@pytest.mark.parametrize("convention", ["hermes", "llama3"])
-def test_stream_holds_back_calls(convention):
-    call = '{"name": "f", "arguments": {"a": 1}}'
-    text = "Sure. <tool_call>" + call + "</tool_call>" if convention == "hermes" else call
-    s = ToolStream(ToolPlan(names=["f"], convention=convention))
-    sent = "".join(s.feed(text[i : i + 3]) for i in range(0, len(text), 3))
-    rest, calls = s.finish()
-    assert sent + rest == ("Sure. " if convention == "hermes" else "")
-    assert [c["function"]["name"] for c in calls] == ["f"]
-    plain = ToolStream(ToolPlan(names=["f"], convention=convention))
-    pieces = ["Hello", " <tool", "box> world"]
-    assert "".join(plain.feed(p) for p in pieces) + plain.finish()[0] == "Hello <toolbox> world"
 
 
 # ----- tiny model: validation and grammar errors ------------------------------------------------
@@ -247,9 +201,11 @@ def test_tool_choice_required_and_named(client):
     named = {"type": "function", "function": {"name": "get_time"}}
     chunks = list(chat(client, "What time is it in Berlin?", tools=[WEATHER, TIME], tool_choice=named, stream=True))
     deltas = [c.choices[0].delta for c in chunks]
-    calls = [tc for d in deltas for tc in d.tool_calls or []]
-    assert len(calls) == 1 and calls[0].function.name == "get_time" and calls[0].index == 0
-    jsonschema.validate(json.loads(calls[0].function.arguments), TIME["function"]["parameters"])
+    calls = [tc for d in deltas for tc in d.tool_calls or []]  # the call's first delta, then argument fragments
+    assert calls[0].function.name == "get_time" and calls[0].id.startswith("call_")
+    assert all(tc.index == 0 for tc in calls) and not any(tc.id or tc.function.name for tc in calls[1:])
+    arguments = "".join(tc.function.arguments or "" for tc in calls)
+    jsonschema.validate(json.loads(arguments), TIME["function"]["parameters"])
     assert not "".join(d.content or "" for d in deltas)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 

@@ -15,6 +15,7 @@ from radixrt.lang import ir
 from radixrt.lang.backend.registry import get_default_backend, resolve_backend, set_default_backend
 from radixrt.lang.choices import ChoicesSamplingMethod, token_length_normalized
 from radixrt.lang.program import SglFunction
+from radixrt.server.reasoning import PARSERS as REASONING_PARSERS
 
 __all__ = [
     "function", "gen", "gen_int", "gen_string", "select", "set_default_backend", "flush_cache",
@@ -54,6 +55,7 @@ def gen(
     choices_method: ChoicesSamplingMethod | None = None,
     regex: str | None = None,
     json_schema: Any = None,
+    separate_reasoning: bool | str = False,
 ) -> ir.Expr:
     """Generate text into variable `name`. Unset parameters take the `run(...)` defaults.
 
@@ -98,7 +100,22 @@ def gen(
         "regex": regex,
         "json_schema": None if json_schema is None else ir.schema_text(json_schema),
     }
-    return ir.Gen(name, {k: v for k, v in given.items() if v is not None})
+    return ir.Gen(name, {k: v for k, v in given.items() if v is not None}, _reasoning_parser(name, separate_reasoning))
+
+
+def _reasoning_parser(name: str | None, separate_reasoning: bool | str) -> str | None:
+    """gen(separate_reasoning=True) reads <think>...</think> at the start of the text (the qwen3
+    parser); a parser's name picks another ("deepseek-r1": the text starts inside the block).
+    The thinking goes to `<name>_reasoning_content`, the variable and the state keep the answer."""
+    if separate_reasoning is False:
+        return None
+    parser = "qwen3" if separate_reasoning is True else separate_reasoning
+    if parser not in REASONING_PARSERS:
+        raise ValueError(f"gen({name!r}) separate_reasoning must be True or one of {', '.join(REASONING_PARSERS)} "
+                         f"(got {separate_reasoning!r})")
+    if name is None:
+        raise ValueError("gen(separate_reasoning=...) needs a name: the reasoning goes to <name>_reasoning_content")
+    return parser
 
 
 def gen_int(name: str | None = None, max_tokens: int | None = None, **kwargs: Any) -> ir.Expr:

@@ -23,6 +23,7 @@ from typing import Any
 
 from radixrt.lang import ir
 from radixrt.lang.errors import ProgramError, VariableNotFoundError
+from radixrt.server.reasoning import split
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class StreamExecutor:
         self.error_: BaseException | None = None
         self.is_finished = False
         self._scope_start: dict[str, int] = {}
+        self._reasoning: dict[str, tuple[str, int]] = {}  # gen name -> (reasoning parser, where its text starts)
         self._pending: deque[ir.Expr] = deque()
         self._lock = threading.Lock()
         self._draining = False
@@ -172,6 +174,8 @@ class StreamExecutor:
             for e in expr.exprs:
                 self._execute(e)
         elif isinstance(expr, ir.Gen):
+            if expr.separate_reasoning and expr.name is not None:
+                self._reasoning[expr.name] = (expr.separate_reasoning, len(self.text_))
             self._execute_gen(expr)
         elif isinstance(expr, ir.Select):
             self._execute_select(expr)
@@ -230,6 +234,8 @@ class StreamExecutor:
     def _set(self, name: str | None, value: Any, meta: Any) -> None:
         if name is None:
             return
+        if name in self._reasoning:  # before the variable is readable
+            value = self._separate_reasoning(name, value, meta)
         self.variables[name] = value
         self.meta_info[name] = meta
         self.variable_event.setdefault(name, threading.Event()).set()
@@ -251,3 +257,13 @@ class StreamExecutor:
         self.text_ += self.chat_template.suffix(role)
         self.messages_.append({"role": role, "content": content})
         self.cur_role = self.cur_role_begin_pos = None
+
+    def _separate_reasoning(self, name: str, value: Any, meta: Any) -> Any:
+        """gen(..., separate_reasoning=...): the thinking to `<name>_reasoning_content`; the
+        variable and the state keep the answer (n samples: each split, the state goes on with the first)."""
+        parser, start = self._reasoning.pop(name)
+        parts = [split(parser, text) for text in (value if isinstance(value, list) else [value])]
+        self.text_ = self.text_[:start] + parts[0][1]
+        pick = (lambda i: [p[i] for p in parts]) if isinstance(value, list) else (lambda i: parts[0][i])
+        self._set(ir.reasoning_name(name), pick(0), meta)
+        return pick(1)

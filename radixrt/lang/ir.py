@@ -173,6 +173,7 @@ class Gen(Expr):
 
     name: str | None
     params: dict[str, Any]
+    separate_reasoning: str | None = None  # a reasoning parser: the thinking goes to <name>_reasoning_content
 
 
 @dataclass(eq=False)
@@ -220,10 +221,17 @@ class EndOfProgram(Expr):
     """Queued after the program function returns: marks the state finished."""
 
 
+def reasoning_name(name: str) -> str:
+    """Where gen(name, separate_reasoning=...) puts the thinking (SGLang's name)."""
+    return f"{name}_reasoning_content"
+
+
 def named_exprs(expr: Expr) -> list[str]:
     """The variables an expression will set, so readers can wait for them before they exist."""
     if isinstance(expr, ExprList):
         return [name for e in expr.exprs for name in named_exprs(e)]
+    if isinstance(expr, Gen) and expr.separate_reasoning and expr.name is not None:
+        return [expr.name, reasoning_name(expr.name)]
     if isinstance(expr, (Gen, Select, VarScopeBegin)) and expr.name is not None:
         return [expr.name]
     return []

@@ -1,4 +1,5 @@
-"""OpenAI-compatible `/v1/chat/completions`, streamed (SSE) or not; tools in `tool_calls.py`."""
+"""OpenAI-compatible `/v1/chat/completions`, streamed (SSE) or not; tools in `tool_calls.py`, the
+reply's reasoning / content / tool calls in `chat_reply.py`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from fastapi import APIRouter, Request
 
 from radixrt.frontend.errors import RequestError
 from radixrt.frontend.output import Delta
+from radixrt.server.chat_reply import ReplyStream, reply_message
 from radixrt.server.common import (
     JSON,
     REQUEST_ID_HEADER,
@@ -38,7 +40,7 @@ from radixrt.server.common import (
 from radixrt.server.disconnect import unless_disconnected
 from radixrt.server.guard import JSONRoute
 from radixrt.server.protocol import ChatCompletionRequest
-from radixrt.server.tool_calls import ToolPlan, ToolStream, plan_tools
+from radixrt.server.tool_calls import ToolPlan, plan_tools
 
 router = APIRouter(route_class=JSONRoute)
 
@@ -79,7 +81,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     mgr = st.manager
     check_model(st, body.model)
     grammar, param = body.grammar()
-    tools = plan_tools(body, getattr(mgr.tokenizer, "chat_template", None))
+    tools = plan_tools(body, getattr(mgr.tokenizer, "chat_template", None), st.settings.tool_call_parser)
     if tools.schema is not None:
         if grammar:
             raise RequestError(f"tool_choice forces a tool call; it cannot be combined with {param}", 400, param)
@@ -116,12 +118,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         if grammar:  # a grammar that does not compile is a 400, not an error event
             streams = await unless_disconnected(request, prime(streams))
-        return SSEResponse(chat_stream(st, body, rid, created, streams, tools), headers=headers)
+        return SSEResponse(chat_stream(st, body, rid, created, streams, tools, bool(grammar)), headers=headers)
     results = await unless_disconnected(request, collect(streams))
     choices = []
     for i, r in enumerate(results):
         lp = chat_logprobs(mgr.tokenizer, r.token_ids, r.logprobs, r.top_logprobs) if body.logprobs else None
-        message, reason = tools.message(r.text, finish_reason(r.last))
+        message, reason = reply_message(r.text, finish_reason(r.last), tools, reasoning_parser(st, body), bool(grammar))
         choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
     return JSON(
         {
@@ -137,7 +139,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     )
 
 
-async def chat_stream(st: ServerState, body: ChatCompletionRequest, rid: str, created: int, streams, tools: ToolPlan):
+def reasoning_parser(st: ServerState, body: ChatCompletionRequest) -> str | None:
+    """The server's --reasoning-parser, unless the request sets separate_reasoning false (SGLang's field)."""
+    return st.settings.reasoning_parser if body.separate_reasoning else None
+
+
+async def chat_stream(
+    st: ServerState, body: ChatCompletionRequest, rid: str, created: int, streams, tools: ToolPlan, constrained: bool
+):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def chunk(i: int, delta: dict, reason: str | None = None, logprobs=None, extra: dict | None = None) -> bytes:
@@ -154,8 +163,9 @@ async def chat_stream(st: ServerState, body: ChatCompletionRequest, rid: str, cr
         return sse(out)
 
     lasts: list[Delta | None] = [None] * len(streams)
-    # With tools, text that may be a call is held back and sent as one tool_calls delta at the end.
-    parsers = [ToolStream(tools) if tools.active else None for _ in streams]
+    # Thinking goes to reasoning_content; tool calls stream as OpenAI's tool_calls deltas, their
+    # arguments in fragments; text that may still become either is held back (chat_reply.py).
+    replies = [ReplyStream(tools, reasoning_parser(st, body), constrained) for _ in streams]
     try:
         for i in range(len(streams)):
             yield chunk(i, {"role": "assistant", "content": None if tools.schema else ""})
@@ -164,18 +174,13 @@ async def chat_stream(st: ServerState, body: ChatCompletionRequest, rid: str, cr
             lp = None
             if body.logprobs and d.token_ids and d.logprobs:
                 lp = chat_logprobs(st.manager.tokenizer, d.token_ids, d.logprobs, d.top_logprobs)
-            text = parsers[i].feed(d.text) if parsers[i] else d.text
-            if text or lp:
-                yield chunk(i, {"content": text}, logprobs=lp)
+            deltas = replies[i].feed(d.text)
+            for k, delta in enumerate(deltas or ([{"content": ""}] if lp else [])):
+                yield chunk(i, delta, logprobs=lp if k == 0 else None)
             if d.finished:
-                reason = finish_reason(d)
-                if parsers[i]:
-                    rest, calls = parsers[i].finish()
-                    if rest:
-                        yield chunk(i, {"content": rest})
-                    if calls:
-                        yield chunk(i, {"tool_calls": [dict(c, index=k) for k, c in enumerate(calls)]})
-                        reason = "tool_calls"
+                deltas, reason = replies[i].finish(finish_reason(d))
+                for delta in deltas:
+                    yield chunk(i, delta)
                 yield chunk(i, {}, reason, extra=unenforced([d]))
         if include_usage:
             yield sse(

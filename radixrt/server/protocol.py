@@ -241,6 +241,9 @@ class ChatCompletionRequest(SamplingFields):
         ),
     )
     parallel_tool_calls: bool | None = Field(None, description="accepted; a forced call is always a single one")
+    separate_reasoning: bool = Field(
+        True, description="with the server's --reasoning-parser: thinking in reasoning_content (false: in content)"
+    )
     add_generation_prompt: bool = True
     continue_final_message: bool = Field(
         False, description="vLLM's: continue the last (assistant) message instead of starting a new one"
