@@ -25,6 +25,9 @@ ALIASES = {
 }
 
 
+# SGLang's names -> ours; EAGLE and its relatives (NEXTN, MTP) need trained draft heads we do not have.
+SPECULATIVE_ALGORITHMS = {"NGRAM": "NGRAM", "STANDALONE": "DRAFT", "DRAFT": "DRAFT"}
+
 
 @dataclass
 class EngineConfig:
@@ -60,6 +63,18 @@ class EngineConfig:
     quantization: str = "auto"
     tp_size: int = 1  # tensor-parallel ranks, one process each, threads split between them (docs/scaling.md)
     seed: int = 0
+    # Speculative decoding (docs/speculative.md): NGRAM drafts by prompt lookup in the request's own tokens
+    # (and with speculative_ngram_from_cache in the radix cache's); DRAFT (SGLang: STANDALONE) from a smaller
+    # model with the same tokenizer. Each request's draft length adapts to its acceptance (worker/draft_length.py).
+    speculative_algorithm: str | None = None
+    speculative_num_draft_tokens: int = 8  # the most draft tokens one request verifies per step
+    speculative_ngram_min_match_window_size: int = 1  # SGLang's names and defaults: n of the n-grams matched
+    speculative_ngram_max_match_window_size: int = 12
+    speculative_ngram_from_cache: bool = False
+    speculative_draft_model_path: str | None = None
+    speculative_draft_model_quantization: str | None = None  # None: as --quantization
+    speculative_max_batch_size: int = 16  # a step with more decode requests is compute-bound: no drafts
+    speculative_adaptive: bool = True  # False: always the most draft tokens (for measurements and tests)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -97,6 +112,28 @@ class EngineConfig:
         ):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        """Normalize SGLang's algorithm names (NGRAM, STANDALONE) and check the speculative options."""
+        algorithm = self.speculative_algorithm
+        if algorithm is not None:
+            algorithm = self.speculative_algorithm = SPECULATIVE_ALGORITHMS.get(algorithm.upper(), algorithm.upper())
+            if algorithm.startswith("EAGLE") or algorithm in ("NEXTN", "MTP"):
+                raise ValueError(f"speculative_algorithm {algorithm} is not supported: use NGRAM or STANDALONE")
+            if algorithm not in SPECULATIVE_ALGORITHMS.values():
+                raise ValueError(f"speculative_algorithm must be NGRAM, STANDALONE or DRAFT (got {algorithm!r})")
+        if (algorithm == "DRAFT") != (self.speculative_draft_model_path is not None):
+            raise ValueError("a draft model (speculative_draft_model_path) goes with speculative_algorithm STANDALONE")
+        if algorithm == "DRAFT" and self.tp_size > 1:
+            raise ValueError("a draft model does not work with tp_size > 1 yet")
+        if self.speculative_num_draft_tokens < 1 or self.speculative_max_batch_size < 1:
+            raise ValueError("speculative_num_draft_tokens and speculative_max_batch_size must be >= 1")
+        if not 1 <= self.speculative_ngram_min_match_window_size <= self.speculative_ngram_max_match_window_size:
+            raise ValueError("the n-gram match windows must satisfy 1 <= min <= max")
+        if self.speculative_draft_model_quantization not in (None, *QUANTIZATIONS):
+            names = ", ".join(map(str, QUANTIZATIONS))
+            raise ValueError(f"speculative_draft_model_quantization must be None or one of {names}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -17,6 +17,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every command that loads a model; each maps onto an EngineConfig field."""
     d = EngineConfig()
     g = parser.add_argument_group("engine")
+    _add_speculative_args(parser.add_argument_group("speculative decoding (docs/speculative.md)"), d)
     g.add_argument(
         "--model",
         "--model-path",
@@ -155,6 +156,63 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--seed", "--random-seed", dest="seed", type=int, default=d.seed, help="random seed (default: %(default)s)"
+    )
+
+
+def _add_speculative_args(g, d: EngineConfig) -> None:
+    """SGLang's flags for n-gram and draft-model speculation, plus ours (--speculative-ngram-from-cache)."""
+    g.add_argument(
+        "--speculative-algorithm",
+        default=None,
+        help="NGRAM: draft by prompt lookup in the request's tokens; STANDALONE (or DRAFT): draft with "
+        "--speculative-draft-model-path. EAGLE is not supported (default: off)",
+    )
+    g.add_argument(
+        "--speculative-num-draft-tokens",
+        type=int,
+        default=d.speculative_num_draft_tokens,
+        help="the most draft tokens a request verifies per step; each request's own count adapts to its "
+        "acceptance rate (default: %(default)s)",
+    )
+    for bound in ("min", "max"):
+        name = f"speculative_ngram_{bound}_match_window_size"
+        g.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=getattr(d, name),
+            help=f"the {bound} n of the n-grams NGRAM matches (default: %(default)s)",
+        )
+    g.add_argument(
+        "--speculative-ngram-from-cache",
+        action="store_true",
+        help="NGRAM: when a request's own tokens give no draft, look its last tokens up in every sequence "
+        "the radix cache holds under its cache_salt",
+    )
+    g.add_argument(
+        "--speculative-draft-model-path",
+        "--speculative-draft-model",
+        dest="speculative_draft_model_path",
+        default=None,
+        help="STANDALONE: a smaller model with the target's tokenizer (checkpoint folder or .gguf)",
+    )
+    g.add_argument(
+        "--speculative-draft-model-quantization",
+        default=None,
+        help="the draft model's --quantization (default: the target's)",
+    )
+    g.add_argument(
+        "--speculative-max-batch-size",
+        type=int,
+        default=d.speculative_max_batch_size,
+        help="no drafts in a step with more decode requests than this: the step is compute-bound "
+        "(default: %(default)s, measured on a 2-core CPU)",
+    )
+    g.add_argument(
+        "--speculative-disable-adaptive",
+        dest="speculative_adaptive",
+        action="store_false",
+        help="draft --speculative-num-draft-tokens every step instead of adapting to each request's "
+        "acceptance rate (for measurements)",
     )
 
 

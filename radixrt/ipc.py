@@ -64,6 +64,10 @@ class ReqOutput(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    # Speculative decoding so far (worker/speculative.py); SGLang's accept length is 1 + accepted / verify_ct.
+    spec_verify_ct: int = 0  # verify steps: decode steps that checked at least one draft token
+    spec_draft_tokens: int = 0  # draft tokens verified
+    spec_accepted_tokens: int = 0  # draft tokens the target agreed with
     logprobs: list[float] | None = None
     top_logprobs: list[TopLogprobs] | None = None
     prompt_logprobs: list[float | None] | None = None
@@ -105,6 +109,9 @@ class EngineStats(msgspec.Struct, tag="stats"):
     disk_dropped_pages: int = 0  # not written (queue full, disk error)
     disk_corrupt_pages: int = 0  # failed their checksum on load: skipped
     disk_pending_io: int = 0
+    spec_verify_ct: int = 0  # speculative decoding, over all requests (ReqOutput has the same per request)
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 class FlushCacheResult(msgspec.Struct, tag="flush_result"):

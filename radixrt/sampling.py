@@ -176,20 +176,15 @@ class SampleOutput:
     top_logprobs: torch.Tensor | None  # [B, max_top_logprobs] float32
 
 
-def sample(
+def _processed(
     logits: torch.Tensor,
     batch: SamplingBatch,
-    allowed: torch.Tensor | None = None,
-    bitmask: torch.Tensor | None = None,
-    bitmask_rows: list[int] | None = None,
-) -> SampleOutput:
-    """Pick one token per row of `logits` [B, V].
-
-    Constrained decoding passes either `allowed` [B, V] bool, or a packed int32 `bitmask`
-    [B, ceil(V/32)] applied to `bitmask_rows` only (cheaper: one table lookup per mask byte).
-    `logits` is never modified. Log-probs are of the raw distribution (before any mask or
-    penalty), as vLLM reports by default.
-    """
+    allowed: torch.Tensor | None,
+    bitmask: torch.Tensor | None,
+    bitmask_rows: list[int] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw float32 logits, the logits after the stages before greedy/temperature): the second is the
+    first, not a copy, when no stage applies."""
     raw = logits.float()  # no copy when already float32
     x = raw
     if allowed is not None:
@@ -206,7 +201,24 @@ def sample(
         if batch.any_min_tokens:
             _mask_min_tokens(x, batch, check_dead_rows=constrained)
         _apply_penalties(x, batch)
+    return raw, x
 
+
+def sample(
+    logits: torch.Tensor,
+    batch: SamplingBatch,
+    allowed: torch.Tensor | None = None,
+    bitmask: torch.Tensor | None = None,
+    bitmask_rows: list[int] | None = None,
+) -> SampleOutput:
+    """Pick one token per row of `logits` [B, V].
+
+    Constrained decoding passes either `allowed` [B, V] bool, or a packed int32 `bitmask`
+    [B, ceil(V/32)] applied to `bitmask_rows` only (cheaper: one table lookup per mask byte).
+    `logits` is never modified. Log-probs are of the raw distribution (before any mask or
+    penalty), as vLLM reports by default.
+    """
+    raw, x = _processed(logits, batch, allowed, bitmask, bitmask_rows)
     token_ids = x.argmax(dim=-1) if batch.all_greedy else _sample_rows(x, batch, owned=x is not raw)
 
     if not batch.any_logprobs:
@@ -217,6 +229,27 @@ def sample(
     if batch.max_top_logprobs > 0:
         top_vals, top_ids = logp.topk(batch.max_top_logprobs, dim=-1)
     return SampleOutput(token_ids, chosen, top_ids, top_vals)
+
+
+def probs(
+    logits: torch.Tensor,
+    batch: SamplingBatch,
+    bitmask: torch.Tensor | None = None,
+    bitmask_rows: list[int] | None = None,
+) -> torch.Tensor:
+    """[B, V] the distribution `sample` draws each row from (a one-hot at the argmax on greedy rows):
+    speculative decoding's rejection rule compares the target's with a draft model's (sampling_spec.py)."""
+    raw, x = _processed(logits, batch, None, bitmask, bitmask_rows)
+    greedy_ids = x.argmax(dim=-1)
+    out = _filter_full(x, batch, owned=x is not raw).softmax(dim=-1)
+    if batch.any_greedy:
+        out[batch.greedy] = torch.nn.functional.one_hot(greedy_ids[batch.greedy], out.shape[1]).to(out.dtype)
+    return out
+
+
+def seeded_noise(generator: torch.Generator, vocab_size: int) -> torch.Tensor:
+    """The V uniforms a seeded row draws per sampled token, in token-id order, on the generator's device."""
+    return torch.rand(vocab_size, generator=generator, device=generator.device)
 
 
 def prompt_logprobs(
@@ -283,16 +316,21 @@ def _sample_rows(x: torch.Tensor, batch: SamplingBatch, owned: bool) -> torch.Te
         choice = _race(_min_p(values, batch).softmax(dim=-1), batch, idx)
         sampled = idx.gather(1, choice.unsqueeze(1)).squeeze(1)
     else:
-        x = x.div_(batch.temperatures) if owned else x / batch.temperatures
-        if batch.any_top_k:
-            kth = x.topk(batch.max_active_top_k, dim=-1).values.gather(
-                1, (batch.top_ks.clamp(max=batch.max_active_top_k) - 1).unsqueeze(1)
-            )
-            x.masked_fill_(x < torch.where(batch.top_ks.unsqueeze(1) < batch.vocab_size, kth, _NEG_INF), _NEG_INF)
-        if batch.any_top_p:
-            x.masked_fill_(x < _top_p_floor(x, batch), _NEG_INF)
-        sampled = _race(_min_p(x, batch).softmax(dim=-1), batch, None)
+        sampled = _race(_filter_full(x, batch, owned).softmax(dim=-1), batch, None)
     return sampled if greedy_ids is None else torch.where(batch.greedy, greedy_ids, sampled)
+
+
+def _filter_full(x: torch.Tensor, batch: SamplingBatch, owned: bool) -> torch.Tensor:
+    """Steps 6-9 on full rows: divide by the temperature, then -inf outside top_k, the nucleus and min_p."""
+    x = x.div_(batch.temperatures) if owned else x / batch.temperatures
+    if batch.any_top_k:
+        kth = x.topk(batch.max_active_top_k, dim=-1).values.gather(
+            1, (batch.top_ks.clamp(max=batch.max_active_top_k) - 1).unsqueeze(1)
+        )
+        x.masked_fill_(x < torch.where(batch.top_ks.unsqueeze(1) < batch.vocab_size, kth, _NEG_INF), _NEG_INF)
+    if batch.any_top_p:
+        x.masked_fill_(x < _top_p_floor(x, batch), _NEG_INF)
+    return _min_p(x, batch)
 
 
 def _nucleus_floor(sorted_values: torch.Tensor, logz: torch.Tensor, batch: SamplingBatch, rows=None) -> torch.Tensor:
@@ -346,7 +384,7 @@ def _race(probs: torch.Tensor, batch: SamplingBatch, idx: torch.Tensor | None) -
     """
     noise = torch.rand_like(probs)
     for row, gen in batch.seeded:
-        own = torch.rand(batch.vocab_size, generator=gen, device=gen.device).to(probs.device)
+        own = seeded_noise(gen, batch.vocab_size).to(probs.device)
         noise[row] = own if idx is None else own[idx[row]]
     noise.log_().neg_()  # -log U > 0 since U < 1; U == 0 gives inf, i.e. that token loses
     return probs.div_(noise).argmax(dim=-1)

@@ -153,6 +153,12 @@ class PrefixCache(ABC):
     def close(self) -> None:
         """Finish background work and persist what should outlive the process."""
 
+    def continuation(self, context: Sequence[int], salt: str | None, max_tokens: int, window: int) -> list[int]:
+        """Up to max_tokens tokens that followed context's last `window` tokens in a cached sequence under the
+        same salt (the latest such occurrence), or []: draft tokens for speculative decoding. A peek: not
+        counted in the hit statistics, and it touches no node's recency."""
+        return []
+
     @abstractmethod
     def dfs_order(self, sequences: Sequence[tuple[Sequence[int], str | None]]) -> list[int]:
         """Indices of (token_ids, salt) `sequences` in SGLang's DFS-weight order: depth first

@@ -35,6 +35,7 @@ from radixrt.cache.base import (
     chain_hashes,
 )
 from radixrt.cache.dfs_weight import dfs_weight_order
+from radixrt.cache.ngram_index import CachedNgrams
 from radixrt.cache.page_pool import PageAllocator
 from radixrt.cache.pins import PINNED_SHARE, PinnedPrefixes
 
@@ -84,6 +85,7 @@ class RadixCache(PrefixCache):
         # O(log n) set lookups without walking the tree (see cached_pages).
         self._hash_index: set[PageHash] = set()
         self._listeners: list[CacheListener] = []
+        self._ngrams: CachedNgrams | None = None  # built on the first continuation() call, then kept current
         if max_pinned_pages is None:
             max_pinned_pages = int(allocator.num_pages * PINNED_SHARE)
         self.pins = PinnedPrefixes(self, max_pinned_pages)
@@ -125,6 +127,12 @@ class RadixCache(PrefixCache):
     def dfs_order(self, sequences: Sequence[tuple[Sequence[int], str | None]]) -> list[int]:
         return dfs_weight_order(self, sequences)
 
+    def continuation(self, context: Sequence[int], salt: str | None, max_tokens: int, window: int) -> list[int]:
+        if self._ngrams is None or self._ngrams.window != window:
+            self._ngrams = CachedNgrams(window)
+            self._ngrams.rebuild(self._roots)
+        return self._ngrams.continuation(salt, context, max_tokens)
+
     def insert(
         self,
         token_ids: Sequence[int],
@@ -160,6 +168,10 @@ class RadixCache(PrefixCache):
             self._num_nodes += 1
             self._push(leaf)
             self._added(hashes)
+            if self._ngrams is not None:
+                self._ngrams.add(salt, tokens, already, leaf)
+                if len(self._ngrams) > 2 * (self._evictable + self._protected) * ps + 1024:  # mostly stale
+                    self._ngrams.rebuild(self._roots)
         return already
 
     def _whole_pages(self, token_ids: Sequence[int]) -> tuple[int, ...]:
@@ -317,6 +329,8 @@ class RadixCache(PrefixCache):
         self._heap.clear()
         self._hash_index.clear()
         self._evictable = self._num_nodes = 0
+        if self._ngrams is not None:
+            self._ngrams.rebuild(self._roots)
         for listener in self._listeners:
             listener.on_reset()
         return True

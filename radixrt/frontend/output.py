@@ -25,6 +25,9 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    spec_verify_ct: int = 0  # speculative decoding: verify steps, draft tokens verified, and accepted
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 @dataclass
@@ -61,7 +64,8 @@ class OutputStream:
             raise RequestError(out.error, out.error_status)
         self.unenforced = out.unenforced or self.unenforced
         text = self.detok.add(out.new_token_ids)
-        usage = Usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
+        usage = Usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens, out.spec_verify_ct,
+                      out.spec_draft_tokens, out.spec_accepted_tokens)  # fmt: skip
         stop = self.detok.matched_stop
         if not out.finished and stop is None:
             if not (text or out.new_token_ids):

@@ -76,7 +76,15 @@ def gguf_source(model: str | None) -> Path | None:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: str | os.PathLike, tp: TensorParallel | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_dir: str | os.PathLike,
+        tp: TensorParallel | None = None,
+        num_pages: int | None = None,
+    ) -> None:
+        """`num_pages`: the pool's size, instead of what config's budget holds (a draft model's pool
+        mirrors the target's page ids: worker/draft_model.py)."""
         self.device = config.device
         self.page_size = config.page_size
         gguf = gguf_source(config.model)
@@ -85,15 +93,17 @@ class ModelRunner:
         self.model = load_model(model_dir, self.dtype, config.device, tp, self.quantization, gguf)
         self.model_config = self.model.config
         kv_layout = self.model.shard  # this rank's KV heads (all of them without tensor parallelism)
-        num_pages = KVPool.pages_for_budget(kv_layout, int(config.kv_memory_gb * 2**30), config.page_size, self.dtype)
-        if config.max_total_tokens is not None:
-            num_pages = min(num_pages, config.max_total_tokens // config.page_size)
-        self.pool = KVPool(kv_layout, num_pages, config.page_size, self.dtype, config.device)
+        pages = KVPool.pages_for_budget(kv_layout, int(config.kv_memory_gb * 2**30), config.page_size, self.dtype)
+        if num_pages is not None:
+            pages = num_pages
+        elif config.max_total_tokens is not None:
+            pages = min(pages, config.max_total_tokens // config.page_size)
+        self.pool = KVPool(kv_layout, pages, config.page_size, self.dtype, config.device)
         self.backend = make_attention_backend(config.attention_backend, config.device)
         self.fused = None if config.disable_fused_decoder else _fused_decoder(self.model, self.pool, self.backend)
 
-    def build(self, reqs, num_new) -> StepBatch:
-        return StepBatch.build(reqs, num_new, self.page_size, self.device)
+    def build(self, reqs, num_new, drafts=None) -> StepBatch:
+        return StepBatch.build(reqs, num_new, self.page_size, self.device, drafts)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
         """float32 logits of the rows in batch.logits_indices (None on tensor-parallel ranks > 0);
@@ -103,11 +113,12 @@ class ModelRunner:
         return self.model(batch, self.pool, self.backend)
 
     def run(self, step: StepBatch) -> torch.Tensor:
-        """Forward the step; record prompt log-probs; return the logits rows to sample, in sample_rows order."""
+        """Forward the step; record prompt log-probs; return the logits rows to sample, in sample_rows order
+        (`count` rows for a sample row that verifies drafts)."""
         logits = self.forward(step.forward)
         for rows in step.prompt_rows:
             _record_prompt_logprobs(rows, logits)
-        return logits[[s.row for s in step.sample_rows]]
+        return logits[[r for s in step.sample_rows for r in range(s.row, s.row + s.count)]]
 
     def close(self) -> None:
         """Release what outlives the runner's memory: nothing here (a tensor-parallel group: its ranks)."""

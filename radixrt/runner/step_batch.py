@@ -8,6 +8,9 @@ remembers, for every logits row the forward returns, what it is for::
     logits rows:    0 1 2 3 4                                 5                6
     sample_rows:    (r1, 5), (r2, 6)          r0 did not reach its last prompt token yet
     prompt_rows:    (r0, first_row=0, count=5, first_position=start of r0's chunk)
+
+A speculative verify step (worker/speculative.py) gives a decode request its last token plus k
+draft tokens, prefill-shaped, and samples at all 1 + k of them: `SampleRow(req, row, count=1 + k)`.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from radixrt.request import Req
 
 @dataclass
 class SampleRow:
-    """A request whose next token is sampled from logits row `row`."""
+    """A request whose next token is sampled from logits row `row` (and, verifying `count - 1` drafts,
+    the rows after it: row + i follows the i-th draft)."""
 
     req: Req
     row: int
+    count: int = 1
 
 
 @dataclass
@@ -46,42 +51,61 @@ class StepBatch:
     prompt_rows: list[PromptRows]
 
     @classmethod
-    def build(cls, reqs: Sequence[Req], num_new: Sequence[int], page_size: int, device) -> "StepBatch":
-        """Flatten the step's new tokens; ask for logits only where a token is sampled or scored."""
-        ids, positions, slots, qo_indptr = [], [], [], [0]
+    def build(
+        cls,
+        reqs: Sequence[Req],
+        num_new: Sequence[int],
+        page_size: int,
+        device,
+        drafts: Sequence[Sequence[int]] | None = None,
+    ) -> "StepBatch":
+        """Flatten the step's new tokens; ask for logits only where a token is sampled or scored.
+        With `drafts`, request i's num_new[i] new tokens end with drafts[i] (not in its token_ids)."""
+        seqs: list[tuple[list[int], int, list[int]]] = []
         logits_rows: list[int] = []
         sample_rows: list[SampleRow] = []
         prompt_rows: list[PromptRows] = []
-        for req, n in zip(reqs, num_new):
-            start = req.num_computed
-            table = req.page_table
-            ids.extend(req.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            slots.extend(table[p // page_size] * page_size + p % page_size for p in range(start, start + n))
-            first_row = qo_indptr[-1]
-            qo_indptr.append(first_row + n)
-            reaches_end = start + n == req.num_tokens
+        first_row = 0
+        for i, (req, n) in enumerate(zip(reqs, num_new)):
+            draft = list(drafts[i]) if drafts else []
+            start, own = req.num_computed, n - len(draft)
+            seqs.append((req.page_table, start, req.token_ids[start : start + own] + draft))
             if req.params.prompt_logprobs and not req.output_ids:
                 prompt_rows.append(PromptRows(req, len(logits_rows), n, start))
                 logits_rows.extend(range(first_row, first_row + n))
-                if reaches_end:
+                if start + n == req.num_tokens:
                     sample_rows.append(SampleRow(req, len(logits_rows) - 1))
-            elif reaches_end:
-                sample_rows.append(SampleRow(req, len(logits_rows)))
-                logits_rows.append(first_row + n - 1)
+            elif start + own == req.num_tokens:
+                sample_rows.append(SampleRow(req, len(logits_rows), len(draft) + 1))
+                logits_rows.extend(range(first_row + own - 1, first_row + n))
+            first_row += n
+        return cls(flat_batch(seqs, logits_rows, page_size, device), sample_rows, prompt_rows)
 
-        def i64(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=device)
 
-        forward = ForwardBatch(
-            input_ids=i64(ids),
-            positions=i64(positions),
-            out_slots=i64(slots),
-            qo_indptr=qo_indptr,
-            prefix_lens=[r.num_computed for r in reqs],
-            seq_lens=[r.num_computed + n for r, n in zip(reqs, num_new)],
-            page_tables=[r.page_table for r in reqs],
-            logits_indices=i64(logits_rows),
-            page_size=page_size,
-        )
-        return cls(forward, sample_rows, prompt_rows)
+def flat_batch(
+    seqs: Sequence[tuple[list[int], int, Sequence[int]]], logits_rows: Sequence[int], page_size: int, device
+) -> ForwardBatch:
+    """The ForwardBatch of sequences given as (page table, position of the first new token, new token ids),
+    with logits at `logits_rows` of the flat token axis. The draft model builds its steps with it too."""
+    ids, positions, slots, qo_indptr = [], [], [], [0]
+    for table, start, tokens in seqs:
+        end = start + len(tokens)
+        ids.extend(tokens)
+        positions.extend(range(start, end))
+        slots.extend(table[p // page_size] * page_size + p % page_size for p in range(start, end))
+        qo_indptr.append(qo_indptr[-1] + len(tokens))
+
+    def i64(values: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    return ForwardBatch(
+        input_ids=i64(ids),
+        positions=i64(positions),
+        out_slots=i64(slots),
+        qo_indptr=qo_indptr,
+        prefix_lens=[start for _, start, _ in seqs],
+        seq_lens=[start + len(tokens) for _, start, tokens in seqs],
+        page_tables=[table for table, _, _ in seqs],
+        logits_indices=i64(logits_rows),
+        page_size=page_size,
+    )

@@ -7,6 +7,11 @@ prefix-cache leaves when short; when decode still runs out, the newest running r
 is preempted: its KV goes to the prefix cache (or back to the free list), it returns to
 the head of the queue and is recomputed later. Memory pressure never fails a request. Over a
 disk tier, a waiting request's pages on disk are loaded back before it is admitted (prefetch.py).
+
+Speculative decoding (worker/speculative.py) adds draft tokens to a scheduled decode: their pages
+come from `reserve_drafts`, which evicts cache leaves but never preempts (a draft is a bet, a
+running request is not), and `trim` frees the pages that held only rejected drafts after the
+verify step. Admission keeps pages for 1 + k tokens of headroom per running request.
 """
 
 from __future__ import annotations
@@ -47,10 +52,13 @@ class Scheduler:
         chunked_prefill_size: int,
         max_running_requests: int,
         starvation_timeout_s: float,
+        speculative_tokens: int = 0,
     ) -> None:
         self.allocator = allocator
         self.cache = cache
         self.page_size = cache.page_size
+        # Pages a running request may need next step: its next token and up to k drafts after it.
+        self.step_pages = -(-(1 + speculative_tokens) // self.page_size)
         self.chunked_prefill_size = chunked_prefill_size
         self.max_running_requests = max_running_requests
         self.policy = make_policy(policy, cache, starvation_timeout_s)
@@ -109,11 +117,13 @@ class Scheduler:
         in_flight = self._in_flight_pages()
         candidates = self.policy.order(self.waiting, time.monotonic(), ADMIT_CANDIDATES)
         if self.prefetch is not None:
-            self.prefetch.ahead(candidates, _cacheable_len, headroom=len(self.running))
+            self.prefetch.ahead(candidates, _cacheable_len, headroom=len(self.running) * self.step_pages)
         for req in candidates:
             if budget <= 0 or len(self.running) >= self.max_running_requests:
                 break
-            if self.prefetch is not None and self.prefetch.loading(req, _cacheable_len(req), len(self.running)):
+            if self.prefetch is not None and self.prefetch.loading(
+                req, _cacheable_len(req), len(self.running) * self.step_pages
+            ):
                 continue  # its pages are on their way from disk
             if self._shares_in_flight(req, in_flight):
                 continue  # next step it finds those pages cached instead of computing them again
@@ -156,12 +166,12 @@ class Scheduler:
         """Tokens of req's prompt to compute now, with pages reserved for them (0: none fit).
 
         A running prefill takes whatever the pool still holds; a new admission must fit its
-        whole first chunk plus a page of headroom per running request, so admitting it does
-        not immediately force a preemption.
+        whole first chunk plus headroom for every running request's next step (a page, or the pages
+        of 1 + k tokens with speculative decoding), so admitting it does not force a preemption.
         """
         chunk = min(req.num_tokens - req.num_computed, budget)
         if admitting and self.running:
-            headroom = len(self.running)
+            headroom = len(self.running) * self.step_pages
             needed = -(-(req.num_computed + chunk) // self.page_size) - len(req.page_table)
             if self.allocator.num_free + self.cache.evictable_pages < needed + headroom:
                 return 0
@@ -192,6 +202,22 @@ class Scheduler:
             if victim is req:
                 return False
         return True
+
+    def reserve_drafts(self, req: Req, num_drafts: int) -> int:
+        """Pages for a scheduled decode's next token plus up to num_drafts draft tokens after it, evicting
+        cache leaves but never preempting; returns how many drafts fit."""
+        if num_drafts <= 0:
+            return 0
+        if self._reserve(req, req.num_computed + 1 + num_drafts, preempt=False):
+            return num_drafts
+        return max(0, min(num_drafts, len(req.page_table) * self.page_size - req.num_computed - 1))
+
+    def trim(self, req: Req) -> None:
+        """Free req's pages past its computed tokens: after a verify step they hold only rejected
+        drafts' K/V. Its page table then covers what it would without speculation."""
+        keep = max(-(-req.num_computed // self.page_size), req.num_tree_pages)
+        self.allocator.free(req.page_table[keep:])
+        del req.page_table[keep:]
 
     def preempt(self, req: Req) -> None:
         """Release a running request's pages and put it back at the head of the queue."""

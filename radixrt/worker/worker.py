@@ -9,6 +9,7 @@ it in a ZMQ loop in a separate process.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -24,9 +25,10 @@ from radixrt.constrained.limits import GrammarLimits
 from radixrt.model.loader import default_cache_dir, load_tokenizer, resolve_model_path
 from radixrt.request import Req, prompt_error
 from radixrt.runner.tensor_parallel import make_runner
-from radixrt.sampling import SamplingBatch, sample
+from radixrt.sampling import SamplingBatch, probs, sample
 from radixrt.scheduler.scheduler import Scheduler
 from radixrt.worker.grammar import RequestGrammars
+from radixrt.worker.speculative import SpecCounts, make_speculator
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class Worker:
             chunked_prefill_size=config.chunked_prefill_size,
             max_running_requests=config.max_running_requests,
             starvation_timeout_s=config.starvation_timeout_s,
+            speculative_tokens=config.speculative_num_draft_tokens if config.speculative_algorithm else 0,
         )
         self.eos_ids = sorted(set(self.model_config.eos_token_ids))
         self.grammars = RequestGrammars(
@@ -68,6 +71,9 @@ class Worker:
             self.eos_ids,
             GrammarLimits(time_budget_s=config.grammar_compile_timeout_s),
         )
+        self.speculator = make_speculator(
+            config, self.scheduler, self.cache, self.grammars, self.model_config, self.max_context, num_pages
+        )  # speculative decoding (worker/speculative.py); None when off
         self.reqs: dict[str, Req] = {}
         self._pending: list[ipc.ReqOutput] = []
         self.totals = {"prompt": 0, "generated": 0, "cached": 0, "finished": 0}
@@ -152,56 +158,82 @@ class Worker:
             self.grammars.wait(timeout=0.01)
             self.cache.wait(timeout=0.01)  # a prefix on its way from disk
             return outputs
-        step = self.runner.build(scheduled.reqs, scheduled.num_new)
+        drafts = self.speculator.plan(scheduled.reqs, scheduled.num_new) if self.speculator else None
+        num_new = [n + len(d) for n, d in zip(scheduled.num_new, drafts)] if drafts else scheduled.num_new
+        step = self.runner.build(scheduled.reqs, num_new, drafts)
+        start = time.perf_counter()
         logits = self.runner.run(step)
+        if self.speculator:
+            if all(n == 1 for n in scheduled.num_new):
+                self.speculator.observe_target(time.perf_counter() - start)
+            self.speculator.prefilled(scheduled.reqs, scheduled.num_new)
         for req, n in zip(scheduled.reqs, scheduled.num_new):
-            req.num_computed += n
+            req.num_computed += n  # drafts' K/V counts once verification keeps them (Speculator.commit)
+        first = list(itertools.accumulate((s.count for s in step.sample_rows), initial=0))  # into logits
         rows = [i for i, s in enumerate(step.sample_rows) if s.req.params.max_new_tokens > 0]
         outputs.extend(self._finish(s.req, [], "length") for s in step.sample_rows if s.req.params.max_new_tokens == 0)
         if rows:
-            outputs.extend(self._sample([step.sample_rows[i].req for i in rows], logits[rows]))
+            reqs = [step.sample_rows[i].req for i in rows]
+            draft_of = dict(zip(scheduled.reqs, drafts)) if drafts else {}
+            index = [r for i in rows for r in range(first[i], first[i + 1])]
+            outputs.extend(self._sample(reqs, logits[index], [draft_of.get(r, []) for r in reqs]))
         for req, n in zip(scheduled.reqs, scheduled.num_new):
             if n > 1 and not req.finished:  # a prefill chunk: let waiting requests hit it from the next step
                 self.scheduler.cache_progress(req)
         return outputs
 
-    def _sample(self, reqs: list[Req], logits: torch.Tensor) -> list[ipc.ReqOutput]:
+    def _sample(self, reqs: list[Req], logits: torch.Tensor, drafts: list[list[int]]) -> list[ipc.ReqOutput]:
+        """One token per request; with drafts, the run verification keeps (worker/speculative.py): a request
+        has a logits row per draft more, row j sampled as if its first j drafts were accepted."""
+        rows = [(r, d[:j]) for r, d in zip(reqs, drafts) for j in range(len(d) + 1)]
         batch = SamplingBatch.build(
-            [r.params for r in reqs],
-            [r.prompt_ids for r in reqs],
-            [r.output_ids for r in reqs],
-            [r.generator for r in reqs],
+            [r.params for r, _ in rows],
+            [r.prompt_ids for r, _ in rows],
+            [r.output_ids + seen if seen else r.output_ids for r, seen in rows],
+            [r.generator for r, _ in rows],
             self.eos_ids,
             self.model_config.vocab_size,
             logits.device,
         )
-        masks = self.grammars.bitmask(reqs)
+        masks = self.grammars.bitmask(reqs, drafts)
+        noise = self.speculator.noise_states(reqs, drafts) if self.speculator else {}
         result = sample(logits, batch, bitmask=masks and masks[0], bitmask_rows=masks and masks[1])
         tokens = result.token_ids.tolist()
-        chosen = result.logprobs.tolist() if result.logprobs is not None else None
-        top_ids = result.top_logprob_ids.tolist() if result.top_logprob_ids is not None else None
-        top_vals = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-        now = time.monotonic()
-        outputs = []
-        for i, (req, token) in enumerate(zip(reqs, tokens)):
-            if req.grammar is not None and not req.grammar.accept_token(token):
-                outputs.append(self._finish(req, [], "grammar_dead_end"))  # never emit a rejected token
-                continue
-            req.append_token(token)
-            req.first_token_time = req.first_token_time or now
-            if req.params.logprobs and chosen is not None:
-                req.output_logprobs.append(chosen[i])
-                k = req.params.top_logprobs
-                req.output_top_logprobs.append(list(zip(top_ids[i][:k], top_vals[i][:k])) if k and top_ids else [])
-            new = [token]
-            reason = self._stop_reason(req, token)
+        if self.speculator:
+            runs = self.speculator.accept(reqs, drafts, tokens, noise, lambda: probs(logits, batch, *(masks or ())))
+        else:
+            runs = [[t] for t in tokens]
+        outputs, row = [], 0
+        for req, draft, run in zip(reqs, drafts, runs):
+            new, reason = self._append_run(req, run, row, tokens, result, logits)
+            if self.speculator:
+                self.speculator.commit(req, len(draft), len(run) - 1, len(new))
             if reason is None and req.grammar is not None and self.config.enable_jump_forward:
                 new += self._jump_forward(req)
-            if reason:
-                outputs.append(self._finish(req, new, reason))
-            else:
-                outputs.append(self._output(req, new, None))
+            outputs.append(self._finish(req, new, reason) if reason else self._output(req, new, None))
+            row += len(draft) + 1
         return outputs
+
+    def _append_run(self, req: Req, run: list[int], row: int, sampled: list[int], result, logits) -> tuple[list, str]:
+        """Append the run's tokens (row + j: token j's logits row) until one ends the request: (appended, reason)."""
+        new, reason, now = [], None, time.monotonic()
+        for j, token in enumerate(run):
+            if req.grammar is not None and not req.grammar.accept_token(token):
+                return new, "grammar_dead_end"  # never emit a rejected token
+            req.append_token(token)
+            req.first_token_time = req.first_token_time or now
+            if req.params.logprobs and result.logprobs is not None:
+                i = row + j  # a draft model's rejection rule may keep another token than the row sampled
+                chosen = result.logprobs[i] if token == sampled[i] else logits[i].float().log_softmax(-1)[token]
+                req.output_logprobs.append(float(chosen))
+                k = req.params.top_logprobs
+                top = zip(result.top_logprob_ids[i, :k].tolist(), result.top_logprobs[i, :k].tolist()) if k else ()
+                req.output_top_logprobs.append(list(top))
+            new.append(token)
+            reason = self._stop_reason(req, token)
+            if reason:
+                break
+        return new, reason
 
     def _jump_forward(self, req: Req) -> list[int]:
         """Append the text the grammar forces; the next step computes it as one chunk, not a step per token."""
@@ -234,6 +266,8 @@ class Worker:
         self.totals["finished"] += 1
         out = self._output(req, new_tokens, reason)
         out.error = error
+        if self.speculator is not None:
+            self.speculator.discard(req)
         return out
 
     def _fail(self, req: Req, error: Exception) -> ipc.ReqOutput:
@@ -244,6 +278,7 @@ class Worker:
     def _output(self, req: Req, new_tokens: list[int], reason: str | None) -> ipc.ReqOutput:
         n = len(new_tokens)
         finished = reason is not None
+        spec = self.speculator.counts(req) if self.speculator else SpecCounts()
         return ipc.ReqOutput(
             rid=req.rid,
             new_token_ids=new_tokens,
@@ -253,6 +288,9 @@ class Worker:
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
             cached_tokens=req.cached_tokens,
+            spec_verify_ct=spec.verify_ct,
+            spec_draft_tokens=spec.draft_tokens,
+            spec_accepted_tokens=spec.accepted_tokens,
             logprobs=req.output_logprobs[-n:] if req.params.logprobs and n else None,
             top_logprobs=req.output_top_logprobs[-n:] if req.params.logprobs and n else None,
             prompt_logprobs=req.prompt_logprobs if finished and req.params.prompt_logprobs else None,
@@ -264,6 +302,7 @@ class Worker:
 
     def stats(self) -> ipc.EngineStats:
         c = self.cache.stats()
+        spec = self.speculator.totals if self.speculator else SpecCounts()
         return ipc.EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -293,4 +332,7 @@ class Worker:
             disk_dropped_pages=c.disk_dropped_pages,
             disk_corrupt_pages=c.disk_corrupt_pages,
             disk_pending_io=c.disk_pending_io,
+            spec_verify_ct=spec.verify_ct,
+            spec_draft_tokens=spec.draft_tokens,
+            spec_accepted_tokens=spec.accepted_tokens,
         )

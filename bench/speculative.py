@@ -1,0 +1,211 @@
+"""Speculative decoding: decode tok/s with and without drafts, on workloads that copy their input and one that does not.
+
+    python bench/speculative.py --quick                         # batch 1, 96 tokens, n-gram drafts (minutes)
+    python bench/speculative.py                                 # batches 1, 8, 32; n-gram, n-gram + cache, draft model
+    python bench/speculative.py --dtype float32 --quick         # where outputs are identical to the bit
+    python bench/speculative.py --measure-cost                  # the forward's cost per token (draft_length.py)
+
+Workloads (the default model, greedy, each request ends at EOS or --max-new-tokens):
+  (a) json:    extract a hotel's details from a passage as JSON under a JSON schema (keys come from the
+               grammar's jump-forward, values are copied from the passage); json-free: the same unconstrained;
+  (b) quotes:  summarise an article quoting its key sentences word for word;
+  (c) agent:   a tool loop: the assistant re-emits the previous tool call's output for the next step;
+  (d) free:    free-form writing (the control: nothing to copy, must not get slower).
+Batch B runs B variants of a workload at once (other names, numbers and files). For each configuration:
+decode tok/s (each request streamed on its own thread: the tokens after the moment every request has its
+first token, over the time from then to the last token), the speed-up over no speculation in the same round, the drafts'
+acceptance rate (kept / drafted), tokens per verify step (SGLang's accept length), and how many outputs
+equal the non-speculative ones (in bfloat16 a multi-row forward rounds differently from a single-row one,
+as batching does; in float32 they agree). Configurations alternate, best of --repeats rounds each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+from common import save, table
+
+from radixrt import Engine
+from radixrt.model.loader import default_gguf_path
+
+HOTELS = [("The Meridian Hotel", "42 Harbor Street", "Portsmouth", 1987, 214, "Eleanor Whitfield"),
+          ("Hotel Alderbrook", "7 Quay Road", "Falmouth", 1964, 88, "Marcus Ellery"),
+          ("The Grand Lysander", "119 Castle Wynd", "Edinburgh", 1902, 356, "Priya Ramanathan"),
+          ("Seaview Lodge", "3 Cliff Terrace", "Whitby", 2011, 41, "Tomasz Nowicki")]  # fmt: skip
+FILES = ["src/app.py", "src/models/user.py", "tests/test_api.py", "README.md", "pyproject.toml", "src/db.py",
+         "src/routes/items.py", "src/config.py"]  # fmt: skip
+
+
+def hotel(i: int) -> str:
+    name, street, city, year, rooms, manager = HOTELS[i % len(HOTELS)]
+    return (f"{name}, located at {street} in {city}, opened in {year + i // len(HOTELS)} and has {rooms + i} rooms. "
+            f"Its general manager, {manager}, said the renovation will cost {2 + i % 5}.{i % 10} million pounds "
+            f"and finish in March {2025 + i % 3}. Guests can call the front desk at +44 23 9282 {1000 + i} or email "
+            f"reservations@{name.split()[-2].lower()}.co.uk.")  # fmt: skip
+
+
+def json_chat(i: int) -> list[dict]:
+    ask = "Extract the hotel name, address, city, year opened, rooms, manager, cost, phone and email as JSON."
+    return [{"role": "user", "content": f"{ask}\n\nText: {hotel(i)}"}]
+
+
+def quotes_chat(i: int) -> list[dict]:
+    article = " ".join(hotel(i + k) for k in range(3))
+    ask = "Summarise this article in three bullet points. Quote the key sentence of each point word for word."
+    return [{"role": "user", "content": f"{ask}\n\n{article}"}]
+
+
+def agent_chat(i: int) -> list[dict]:
+    listing = "\n".join(f"{f}  {1200 + 37 * k + i} bytes  modified 2024-0{1 + k % 9}-1{k % 10}"
+                        for k, f in enumerate(FILES[i % 3 :] + FILES[: i % 3]))  # fmt: skip
+    return [
+        {"role": "system", "content": "You are a coding agent. Tools: list_files(), read_file(path)."},
+        {"role": "user", "content": "Show me the project's files, then tell me which file to read first."},
+        {"role": "assistant", "content": 'list_files()'},
+        {"role": "user", "content": f"Tool output:\n{listing}\n\nRepeat the tool output exactly as a markdown "
+                                    "list, one file per line with its size and date, then pick a file."},
+    ]  # fmt: skip
+
+
+def free_chat(i: int) -> list[dict]:
+    topics = ["a dragon who learns to paint", "a lighthouse keeper's last winter", "a robot that collects rain",
+              "two rival bakers in a small town"]  # fmt: skip
+    return [{"role": "user", "content": f"Write a short story about {topics[i % len(topics)]}."}]
+
+
+HOTEL_SCHEMA = json.dumps({
+    "type": "object",
+    "properties": {k: {"type": t} for k, t in [("name", "string"), ("address", "string"), ("city", "string"),
+                   ("year_opened", "integer"), ("rooms", "integer"), ("manager", "string"), ("cost", "string"),
+                   ("phone", "string"), ("email", "string")]},
+    "required": ["name", "address", "city", "year_opened", "rooms", "manager", "cost", "phone", "email"],
+})  # fmt: skip
+# name -> (chat of variant i, extra sampling parameters)
+WORKLOADS = {"json": (json_chat, {"json_schema": HOTEL_SCHEMA}), "json-free": (json_chat, {}),
+             "quotes": (quotes_chat, {}), "agent": (agent_chat, {}), "free": (free_chat, {})}  # fmt: skip
+
+
+def configs(args) -> dict[str, dict]:
+    base = {"dtype": args.dtype, "quantization": "none"}
+    draft = {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": str(default_gguf_path()),
+             "speculative_draft_model_quantization": "int4"}  # fmt: skip
+    out = {"off": base, "ngram": {**base, "speculative_algorithm": "NGRAM"},
+           "ngram+cache": {**base, "speculative_algorithm": "NGRAM", "speculative_ngram_from_cache": True},
+           "draft-int4": {**base, **draft}}  # fmt: skip
+    return {name: out[name] for name in args.configs.split(",")}
+
+
+def run(engine: Engine, prompts: list[str], max_new: int, extra: dict) -> dict:
+    """One timed round from an empty cache, each request streamed on its own thread: decode tok/s over the
+    time every request is decoding (from the last first token to the last token), outputs, counts."""
+    params = {"max_new_tokens": max_new, "temperature": 0, **extra}
+    engine.flush_cache()
+    streams: list[dict] = [{"stamps": [], "ids": [], "usage": None} for _ in prompts]
+
+    def consume(prompt: str, out: dict) -> None:
+        for delta in engine.generate_stream(prompt, params):
+            out["stamps"] += [time.perf_counter()] * len(delta.token_ids)
+            out["ids"] += delta.token_ids
+            out["usage"] = delta.usage
+
+    threads = [threading.Thread(target=consume, args=(p, out)) for p, out in zip(prompts, streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    start = max(s["stamps"][0] for s in streams)
+    end = max(s["stamps"][-1] for s in streams)
+    tokens = sum(stamp > start for s in streams for stamp in s["stamps"])
+    usages = [s["usage"] for s in streams]
+    return {"tok_s": tokens / (end - start), "ids": [s["ids"] for s in streams],
+            "drafted": sum(u.spec_draft_tokens for u in usages), "kept": sum(u.spec_accepted_tokens for u in usages),
+            "verify_ct": sum(u.spec_verify_ct for u in usages)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="off,ngram,ngram+cache,draft-int4", help="subset, comma-separated")
+    parser.add_argument("--workloads", default="json,quotes,agent,free", help=f"of {', '.join(WORKLOADS)}")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; each number is its best")
+    parser.add_argument("--dtype", default="auto", help="the target's (auto: bfloat16 on this CPU)")
+    parser.add_argument("--quick", action="store_true", help="batch 1, 96 tokens, off and ngram, 2 rounds")
+    parser.add_argument("--measure-cost", action="store_true", help="forward time vs tokens per step, then exit")
+    args = parser.parse_args()
+    if args.measure_cost:
+        return measure_cost()
+    if args.quick:
+        args.batches, args.max_new_tokens, args.repeats = "1", 96, 2
+        args.configs = "off,ngram" if args.configs == parser.get_default("configs") else args.configs
+    names = configs(args)
+    engines = {name: Engine(**options) for name, options in names.items()}
+    results: dict[tuple, dict] = {}
+    for workload in args.workloads.split(","):
+        for batch in map(int, args.batches.split(",")):
+            chat, extra = WORKLOADS[workload]
+            prompts = [engines["off"].render_chat(chat(i)) for i in range(batch)]
+            for _ in range(args.repeats):
+                for name, engine in engines.items():
+                    r = run(engine, prompts, args.max_new_tokens, extra)
+                    best = results.get((workload, batch, name))
+                    if best is None or r["tok_s"] > best["tok_s"]:
+                        results[(workload, batch, name)] = r
+            report(results, workload, batch, names)
+    for engine in engines.values():
+        engine.shutdown()
+    rows = [row for (w, b, n) in results for row in [summary(results, w, b, n)]]
+    print(table(rows, ["workload", "batch", "config", "tok_s", "speedup", "accept_rate", "accept_length", "identical"]))
+    save(f"speculative{'_' + args.dtype if args.dtype != 'auto' else ''}",
+         {"args": vars(args), "configs": names, "rows": rows})  # fmt: skip
+
+
+def summary(results: dict, workload: str, batch: int, name: str) -> dict:
+    r, off = results[(workload, batch, name)], results[(workload, batch, "off")]
+    same = sum(a == b for a, b in zip(r["ids"], off["ids"]))
+    return {
+        "workload": workload, "batch": batch, "config": name, "tok_s": r["tok_s"],
+        "speedup": r["tok_s"] / off["tok_s"],
+        "accept_rate": r["kept"] / r["drafted"] if r["drafted"] else 0.0,
+        "accept_length": 1 + r["kept"] / r["verify_ct"] if r["verify_ct"] else 1.0,
+        "identical": f"{same}/{len(r['ids'])}",
+    }  # fmt: skip
+
+
+def report(results: dict, workload: str, batch: int, names: dict) -> None:
+    for name in names:
+        s = summary(results, workload, batch, name)
+        print(f"{workload:7} batch {batch:2} {name:12} {s['tok_s']:7.1f} tok/s  x{s['speedup']:.2f}  "
+              f"accept {s['accept_rate']:.0%}  length {s['accept_length']:.2f}  identical {s['identical']}", flush=True)
+
+
+def measure_cost() -> None:
+    """Forward time of B requests with 1 + k new tokens each over 300 cached tokens (draft_length.TOKEN_COST)."""
+    from radixrt.config import EngineConfig
+    from radixrt.model.loader import resolve_model_path
+    from radixrt.runner.model_runner import ModelRunner
+    from radixrt.runner.step_batch import flat_batch
+
+    runner = ModelRunner(EngineConfig(quantization="none", kv_memory_gb=0.5), resolve_model_path(None))
+    context, pages = 300, 32
+    for batch in (1, 2, 4, 8, 16, 32):
+        base = None
+        for n in (1, 2, 3, 5, 9):
+            seqs = [(list(range(b * pages, (b + 1) * pages)), context, [5] * n) for b in range(batch)]
+            step = flat_batch(seqs, [n * (b + 1) - 1 for b in range(batch)], 16, "cpu")
+            times = []
+            for _ in range(12):
+                start = time.perf_counter()
+                runner.forward(step)
+                times.append(time.perf_counter() - start)
+            t = min(times)
+            base = base or t
+            print(f"batch {batch:2}  tokens/request {n}  {t * 1000:6.1f} ms  x{t / base:.2f} of one token each",
+                  flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
