@@ -49,7 +49,9 @@ def _cpu_flags() -> str:
 
 def fingerprint() -> str:
     """Identifies what a build is only valid for: torch, Python, architecture, CPU features."""
-    key = "|".join([torch.__version__, f"{sys.version_info[0]}.{sys.version_info[1]}", platform.machine(), _cpu_flags()])
+    key = "|".join(
+        [torch.__version__, f"{sys.version_info[0]}.{sys.version_info[1]}", platform.machine(), _cpu_flags()]
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

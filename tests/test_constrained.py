@@ -18,7 +18,12 @@ import pytest
 import torch
 
 from radixrt.constrained import (
-    GrammarError, allocate_bitmask, apply_bitmask, bitmask_to_allowed, get_backend, tool_call_schema,
+    GrammarError,
+    allocate_bitmask,
+    apply_bitmask,
+    bitmask_to_allowed,
+    get_backend,
+    tool_call_schema,
 )
 from radixrt.constrained.lenient import enforced
 from radixrt.constrained.vocab import token_bytes
@@ -66,41 +71,130 @@ def walks(backend, walker, kind, spec, n=3, seed=0, **kw):
 
 # ---- JSON schema -----------------------------------------------------------------------------
 SCHEMAS = {
-    "nested_objects": {"type": "object", "properties": {
-        "user": {"type": "object", "properties": {"name": {"type": "string"}, "address": {
-            "type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
-            "required": ["city"]}}, "required": ["name", "address"]}}, "required": ["user"]},
-    "array_bounds": {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"},
-                     "minItems": 2, "maxItems": 4}}, "required": ["tags"]},
-    "enum": {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
-             "size": {"enum": [1, 2, "XL", None]}}, "required": ["color", "size"]},
-    "const": {"type": "object", "properties": {"version": {"const": "v1"}, "ok": {"const": True}},
-              "required": ["version", "ok"]},
-    "integer_bounds": {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
-                       "count": {"type": "integer", "exclusiveMinimum": 5, "maximum": 1000}}, "required": ["age", "count"]},
-    "number_bounds": {"type": "object", "properties": {"score": {"type": "number", "minimum": -1.5, "maximum": 2.5}},
-                      "required": ["score"]},
-    "string_pattern": {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-\\d{2,4}$"}},
-                       "required": ["code"]},
-    "string_length": {"type": "object", "properties": {"word": {"type": "string", "minLength": 2, "maxLength": 5}},
-                      "required": ["word"]},
-    "refs": {"$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
-                                 "required": ["x", "y"], "additionalProperties": False}},
-             "type": "object", "properties": {"a": {"$ref": "#/$defs/point"},
-                                              "path": {"type": "array", "items": {"$ref": "#/$defs/point"}, "maxItems": 3}},
-             "required": ["a", "path"]},
-    "any_of": {"type": "object", "properties": {"value": {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": "^x+$"},
-                                                                     {"type": "null"}]}}, "required": ["value"]},
-    "tagged_one_of": {"type": "object", "properties": {"shape": {"oneOf": [
-        {"type": "object", "properties": {"kind": {"const": "circle"}, "r": {"type": "number"}}, "required": ["kind", "r"]},
-        {"type": "object", "properties": {"kind": {"const": "square"}, "side": {"type": "integer"}}, "required": ["kind"]}]}},
-        "required": ["shape"]},
-    "closed_object": {"type": "object", "properties": {"id": {"type": "integer"}, "note": {"type": "string"}},
-                      "required": ["id"], "additionalProperties": False},
-    "optional_properties": {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "number"},
-                            "c": {"type": "array", "items": {"type": "boolean"}}}},
-    "top_level_array": {"type": "array", "items": {"type": "object", "properties": {"k": {"type": "string"}},
-                        "required": ["k"], "additionalProperties": False}, "minItems": 1, "maxItems": 2},
+    "nested_objects": {
+        "type": "object",
+        "properties": {
+            "user": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "address": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
+                        "required": ["city"],
+                    },
+                },
+                "required": ["name", "address"],
+            }
+        },
+        "required": ["user"],
+    },
+    "array_bounds": {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 4}},
+        "required": ["tags"],
+    },
+    "enum": {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "green", "blue"]}, "size": {"enum": [1, 2, "XL", None]}},
+        "required": ["color", "size"],
+    },
+    "const": {
+        "type": "object",
+        "properties": {"version": {"const": "v1"}, "ok": {"const": True}},
+        "required": ["version", "ok"],
+    },
+    "integer_bounds": {
+        "type": "object",
+        "properties": {
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "count": {"type": "integer", "exclusiveMinimum": 5, "maximum": 1000},
+        },
+        "required": ["age", "count"],
+    },
+    "number_bounds": {
+        "type": "object",
+        "properties": {"score": {"type": "number", "minimum": -1.5, "maximum": 2.5}},
+        "required": ["score"],
+    },
+    "string_pattern": {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-\\d{2,4}$"}},
+        "required": ["code"],
+    },
+    "string_length": {
+        "type": "object",
+        "properties": {"word": {"type": "string", "minLength": 2, "maxLength": 5}},
+        "required": ["word"],
+    },
+    "refs": {
+        "$defs": {
+            "point": {
+                "type": "object",
+                "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                "required": ["x", "y"],
+                "additionalProperties": False,
+            }
+        },
+        "type": "object",
+        "properties": {
+            "a": {"$ref": "#/$defs/point"},
+            "path": {"type": "array", "items": {"$ref": "#/$defs/point"}, "maxItems": 3},
+        },
+        "required": ["a", "path"],
+    },
+    "any_of": {
+        "type": "object",
+        "properties": {
+            "value": {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": "^x+$"}, {"type": "null"}]}
+        },
+        "required": ["value"],
+    },
+    "tagged_one_of": {
+        "type": "object",
+        "properties": {
+            "shape": {
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "properties": {"kind": {"const": "circle"}, "r": {"type": "number"}},
+                        "required": ["kind", "r"],
+                    },
+                    {
+                        "type": "object",
+                        "properties": {"kind": {"const": "square"}, "side": {"type": "integer"}},
+                        "required": ["kind"],
+                    },
+                ]
+            }
+        },
+        "required": ["shape"],
+    },
+    "closed_object": {
+        "type": "object",
+        "properties": {"id": {"type": "integer"}, "note": {"type": "string"}},
+        "required": ["id"],
+        "additionalProperties": False,
+    },
+    "optional_properties": {
+        "type": "object",
+        "properties": {
+            "a": {"type": "boolean"},
+            "b": {"type": "number"},
+            "c": {"type": "array", "items": {"type": "boolean"}},
+        },
+    },
+    "top_level_array": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {"k": {"type": "string"}},
+            "required": ["k"],
+            "additionalProperties": False,
+        },
+        "minItems": 1,
+        "maxItems": 2,
+    },
 }
 
 # Known gaps: the backend refuses (GrammarError naming the keyword) rather than risk invalid output.
@@ -122,34 +216,64 @@ def test_json_schema_walks_always_validate(backend, walker, name):
 # Probes of single keywords and combinations that some engine gets wrong. The invariant holds
 # whatever each backend decides: it refuses the schema (GrammarError), or every output is valid.
 PROBES = {
-    "not": {"type": "object", "properties": {"a": {"type": "integer", "not": {"enum": list(range(10))}}}, "required": ["a"]},
+    "not": {
+        "type": "object",
+        "properties": {"a": {"type": "integer", "not": {"enum": list(range(10))}}},
+        "required": ["a"],
+    },
     "uniqueItems": {"type": "array", "items": {"enum": [1, 2]}, "minItems": 2, "maxItems": 2, "uniqueItems": True},
     "contains": {"type": "array", "items": {"type": "integer"}, "contains": {"const": 7}, "maxItems": 3},
     "multipleOf": {"type": "integer", "multipleOf": 7},
     "int_range": {"type": "integer", "minimum": 10, "maximum": 20},
     "exclusive": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
-    "minProperties": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"},
-                                                       "c": {"type": "integer"}}, "minProperties": 2},
+    "minProperties": {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}, "c": {"type": "integer"}},
+        "minProperties": 2,
+    },
     "propertyNames": {"type": "object", "propertyNames": {"pattern": "^[a-z]{2}$"}, "maxProperties": 3},
-    "patternProperties": {"type": "object", "patternProperties": {"^x_[0-9]+$": {"type": "integer"}},
-                          "additionalProperties": False},
-    "dependentRequired": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                          "dependentRequired": {"a": ["b"]}},
-    "if_then": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
-                "if": {"required": ["a"]}, "then": {"required": ["b"]}},
-    "allOf": {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
-                        {"properties": {"b": {"type": "string"}}, "required": ["b"]}]},
+    "patternProperties": {
+        "type": "object",
+        "patternProperties": {"^x_[0-9]+$": {"type": "integer"}},
+        "additionalProperties": False,
+    },
+    "dependentRequired": {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "dependentRequired": {"a": ["b"]},
+    },
+    "if_then": {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
+        "if": {"required": ["a"]},
+        "then": {"required": ["b"]},
+    },
+    "allOf": {
+        "allOf": [
+            {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+            {"properties": {"b": {"type": "string"}}, "required": ["b"]},
+        ]
+    },
     "anyOf_sibling": {"type": "object", "properties": {"a": {"type": "string"}}, "anyOf": [{"required": ["a"]}]},
     "oneOf_overlap": {"oneOf": [{"type": "integer"}, {"type": "number"}]},
     "enum_type": {"type": "string", "enum": ["a", 1, None]},
     "length_pattern": {"type": "string", "pattern": "^[a-z]+$", "minLength": 3, "maxLength": 5},
     "length_format": {"type": "string", "format": "email", "maxLength": 12},
     "required_undeclared": {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]},
-    "ref_sibling": {"$defs": {"s": {"type": "string"}}, "type": "object",
-                    "properties": {"a": {"$ref": "#/$defs/s", "maxLength": 3}}, "required": ["a"]},
-    "recursive_ref": {"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}}}, "$ref": "#/$defs/n"},
-    **{f"format_{f}": {"type": "string", "format": f}
-       for f in ["date", "date-time", "time", "email", "uri", "hostname", "ipv4", "uuid"]},
+    "ref_sibling": {
+        "$defs": {"s": {"type": "string"}},
+        "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/s", "maxLength": 3}},
+        "required": ["a"],
+    },
+    "recursive_ref": {
+        "$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}}},
+        "$ref": "#/$defs/n",
+    },
+    **{
+        f"format_{f}": {"type": "string", "format": f}
+        for f in ["date", "date-time", "time", "email", "uri", "hostname", "ipv4", "uuid"]
+    },
 }
 
 
@@ -174,10 +298,16 @@ def test_json_object_is_a_json_object(backend, walker):
 
 
 def test_jump_forward_starts_with_the_forced_prefix(backend):
-    spec = json.dumps({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
-                       "additionalProperties": False})
+    spec = json.dumps(
+        {
+            "type": "object",
+            "properties": {"name": {"type": "string"}},
+            "required": ["name"],
+            "additionalProperties": False,
+        }
+    )
     forced = backend.matcher(backend.compile("json_schema", spec)).find_jump_forward()
-    assert forced.startswith('{') and '{"name":'.startswith(forced.replace(" ", "")[:8])
+    assert forced.startswith("{") and '{"name":'.startswith(forced.replace(" ", "")[:8])
     assert backend.matcher(backend.compile("choices", '["yes", "no"]')).find_jump_forward() == ""
 
 
@@ -215,15 +345,18 @@ def test_ebnf(backend, walker):
 
 
 # ---- errors ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,spec,needle", [
-    ("json_schema", '{"type": "strin"}', "strin"),
-    ("json_schema", "not json", "json"),
-    ("json_schema", '{"type": "string", "pattern": "(("}', "json_schema"),
-    ("json_schema", '{"type": "array", "uniqueItems": true}', "uniqueItems"),
-    ("regex", "a(b", "regex"),
-    ("choices", '["a", 1]', "choices"),
-    ("sql", "select", "unknown grammar kind"),
-])
+@pytest.mark.parametrize(
+    "kind,spec,needle",
+    [
+        ("json_schema", '{"type": "strin"}', "strin"),
+        ("json_schema", "not json", "json"),
+        ("json_schema", '{"type": "string", "pattern": "(("}', "json_schema"),
+        ("json_schema", '{"type": "array", "uniqueItems": true}', "uniqueItems"),
+        ("regex", "a(b", "regex"),
+        ("choices", '["a", 1]', "choices"),
+        ("sql", "select", "unknown grammar kind"),
+    ],
+)
 def test_invalid_specs_raise_grammar_error(backend, kind, spec, needle):
     with pytest.raises(GrammarError) as info:
         backend.compile(kind, spec)
@@ -244,8 +377,9 @@ def _encode(tok, text):
     return tok.encode(text, add_special_tokens=False)
 
 
-SIMPLE = json.dumps({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
-                     "additionalProperties": False})
+SIMPLE = json.dumps(
+    {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"], "additionalProperties": False}
+)
 
 
 def _allowed(matcher, vocab_size):
@@ -258,7 +392,7 @@ def test_accept_rejects_without_changing_state(backend, tok, vocab_size):
     eos = tok.eos_token_id
     m = backend.matcher(backend.compile("json_schema", SIMPLE))
     before = _allowed(m, vocab_size)
-    assert not before[eos] and not before[len(tok):].any()  # no stop yet; padding ids never allowed
+    assert not before[eos] and not before[len(tok) :].any()  # no stop yet; padding ids never allowed
     assert not m.accept_token(_encode(tok, "x")[0]) and not m.accept_token(eos) and not m.accept_token(len(tok) + 1)
     assert torch.equal(_allowed(m, vocab_size), before)
     for t in _encode(tok, '{"name": "ab"}'):
@@ -313,15 +447,42 @@ def test_fill_bitmask_writes_only_its_row(backend, tok, vocab_size):
 
 # ---- tool calls ------------------------------------------------------------------------------
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
-        "required": ["city"], "additionalProperties": False}}},
-    {"type": "function", "function": {"name": "add_items", "parameters": {
-        "type": "object", "$defs": {"item": {"type": "object", "properties": {"sku": {"type": "string"}},
-                                             "required": ["sku"], "additionalProperties": False}},
-        "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/item"}, "minItems": 1, "maxItems": 3}},
-        "required": ["items"], "additionalProperties": False}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add_items",
+            "parameters": {
+                "type": "object",
+                "$defs": {
+                    "item": {
+                        "type": "object",
+                        "properties": {"sku": {"type": "string"}},
+                        "required": ["sku"],
+                        "additionalProperties": False,
+                    }
+                },
+                "properties": {
+                    "items": {"type": "array", "items": {"$ref": "#/$defs/item"}, "minItems": 1, "maxItems": 3}
+                },
+                "required": ["items"],
+                "additionalProperties": False,
+            },
+        },
+    },
 ]
+
 
 def test_tool_call_grammar_walks_are_valid_calls(backend, walker):
     schema = tool_call_schema(TOOLS, "required")

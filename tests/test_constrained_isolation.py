@@ -269,7 +269,7 @@ def test_setup_runs_in_the_background_and_its_failure_is_a_clear_error():
     assert time.monotonic() - start < 0.1 and not ready.done() and not waiting.done()
     release.set()
     error = waiting.exception(timeout=10)
-    assert isinstance(error, GrammarUnavailable) and "no tokenizer here" in str(error) and error.http_status == 503
+    assert isinstance(error, GrammarUnavailable) and "no tokenizer here" in str(error) and error.http_status == 400
     assert isinstance(compiler.submit("regex", "b").exception(0), GrammarUnavailable)
     compiler.shutdown()
 

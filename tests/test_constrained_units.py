@@ -12,8 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixrt.constrained import (
-    CompiledGrammar, GrammarBackend, GrammarCompiler, GrammarError, allocate_bitmask, apply_bitmask,
-    bitmask_to_allowed, tool_call_schema,
+    CompiledGrammar,
+    GrammarBackend,
+    GrammarCompiler,
+    GrammarError,
+    allocate_bitmask,
+    apply_bitmask,
+    bitmask_to_allowed,
+    tool_call_schema,
 )
 from radixrt.constrained.schema import UNSUPPORTED, check, normalize
 
@@ -66,8 +72,16 @@ def test_apply_bitmask_no_rows_and_wider_logits():
 def test_apply_bitmask_matches_a_per_token_loop(batch, vocab, data):
     """Property: the vectorized apply equals the obvious per-token definition."""
     words = (vocab + 31) // 32
-    mask = torch.tensor(data.draw(st.lists(st.lists(st.integers(-2**31, 2**31 - 1), min_size=words, max_size=words),
-                                           min_size=batch, max_size=batch)), dtype=torch.int32)
+    mask = torch.tensor(
+        data.draw(
+            st.lists(
+                st.lists(st.integers(-(2**31), 2**31 - 1), min_size=words, max_size=words),
+                min_size=batch,
+                max_size=batch,
+            )
+        ),
+        dtype=torch.int32,
+    )
     rows = sorted(data.draw(st.sets(st.integers(0, batch - 1))))
     logits = torch.randn(batch, vocab, dtype=torch.bfloat16)
     expected = logits.clone()
@@ -143,14 +157,37 @@ def test_compiler_lru_evicts_oldest_and_rejects_unknown_kinds():
 
 # ---- tool calls ----------------------------------------------------------------------------
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-     "parameters": {"type": "object", "properties": {"city": {"type": "string"},
-                    "unit": {"enum": ["C", "F"]}}, "required": ["city"], "additionalProperties": False}}},
-    {"type": "function", "function": {"name": "add_items", "parameters": {
-        "type": "object", "$defs": {"item": {"type": "object", "properties": {"sku": {"type": "string"},
-                                             "qty": {"type": "integer", "minimum": 1}}, "required": ["sku", "qty"]}},
-        "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/item"}, "minItems": 1}},
-        "required": ["items"]}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add_items",
+            "parameters": {
+                "type": "object",
+                "$defs": {
+                    "item": {
+                        "type": "object",
+                        "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}},
+                        "required": ["sku", "qty"],
+                    }
+                },
+                "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/item"}, "minItems": 1}},
+                "required": ["items"],
+            },
+        },
+    },
     {"type": "function", "function": {"name": "ping"}},
 ]
 
@@ -158,13 +195,17 @@ TOOLS = [
 def test_tool_call_schema_accepts_a_correct_call_and_rejects_a_wrong_tool():
     jsonschema = pytest.importorskip("jsonschema")
     schema = tool_call_schema(TOOLS, "required")
-    ok = [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}},
-          {"name": "add_items", "arguments": {"items": [{"sku": "x1", "qty": 2}]}},
-          {"name": "ping", "arguments": {}}]
-    bad = [{"name": "get_wether", "arguments": {"city": "Paris"}},  # no such tool
-           {"name": "get_weather", "arguments": {"town": "Paris"}},  # wrong arguments
-           {"name": "add_items", "arguments": {"items": [{"sku": "x1", "qty": 0}]}},  # $ref'd bound
-           {"name": "ping", "arguments": {}, "extra": 1}]
+    ok = [
+        {"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}},
+        {"name": "add_items", "arguments": {"items": [{"sku": "x1", "qty": 2}]}},
+        {"name": "ping", "arguments": {}},
+    ]
+    bad = [
+        {"name": "get_wether", "arguments": {"city": "Paris"}},  # no such tool
+        {"name": "get_weather", "arguments": {"town": "Paris"}},  # wrong arguments
+        {"name": "add_items", "arguments": {"items": [{"sku": "x1", "qty": 0}]}},  # $ref'd bound
+        {"name": "ping", "arguments": {}, "extra": 1},
+    ]
     validator = jsonschema.Draft202012Validator(schema)
     assert all(validator.is_valid(call) for call in ok)
     assert not any(validator.is_valid(call) for call in bad)
@@ -198,14 +239,20 @@ def test_check_names_the_keyword_and_where_it_is():
 
 
 def test_normalize_rewrites_to_an_equivalent_or_narrower_schema():
-    tagged = {"oneOf": [{"type": "object", "properties": {"kind": {"const": "a"}}, "required": ["kind"]},
-                        {"type": "object", "properties": {"kind": {"const": "b"}, "x": {}}, "required": ["kind"]}]}
+    tagged = {
+        "oneOf": [
+            {"type": "object", "properties": {"kind": {"const": "a"}}, "required": ["kind"]},
+            {"type": "object", "properties": {"kind": {"const": "b"}, "x": {}}, "required": ["kind"]},
+        ]
+    }
     out = normalize(tagged)
     assert "oneOf" not in out and len(out["anyOf"]) == 2  # disjoint: anyOf means the same
     assert all(b["additionalProperties"] is False for b in out["anyOf"])
     assert "oneOf" in normalize({"oneOf": [{"type": "integer"}, {"type": "number"}]})  # 1 matches both: kept
     assert "oneOf" in normalize({"oneOf": [{"required": ["a"]}, {"required": ["b"]}]})
-    assert normalize({"oneOf": [{"type": "string"}, {"type": "null"}]}) == {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    assert normalize({"oneOf": [{"type": "string"}, {"type": "null"}]}) == {
+        "anyOf": [{"type": "string"}, {"type": "null"}]
+    }
     assert normalize({"type": "string", "enum": ["a", 1, None]})["enum"] == ["a"]
     with pytest.raises(GrammarError, match="no value"):
         normalize({"type": "object", "enum": ["a"]})
@@ -213,7 +260,10 @@ def test_normalize_rewrites_to_an_equivalent_or_narrower_schema():
     assert normalize({"properties": {"a": {}}, "required": ["b"]}) == {"properties": {"a": {}}, "required": ["b"]}
     composed = {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]}
     assert normalize(composed) == composed  # closing either branch would contradict the other
-    assert normalize({"properties": {"p": {"type": "string", "pattern": r"^\d+$"}}})["properties"]["p"]["pattern"] == "^[0-9]+$"
+    assert (
+        normalize({"properties": {"p": {"type": "string", "pattern": r"^\d+$"}}})["properties"]["p"]["pattern"]
+        == "^[0-9]+$"
+    )
 
 
 # ---- ASCII regex classes -------------------------------------------------------------------
@@ -231,15 +281,24 @@ def test_ascii_classes_rewrites_only_class_escapes():
 def test_relax_drops_what_the_backend_would_refuse_and_names_it():
     from radixrt.constrained.lenient import enforced, regular_pattern, relax
 
-    schema = {"type": "object", "properties": {
-        "tags": {"type": "array", "items": {"type": "string", "minLength": 2}, "uniqueItems": True},
-        "n": {"oneOf": [{"type": "integer"}, {"type": "number"}]},
-        "kind": {"oneOf": [{"const": "a"}, {"const": "b"}]},  # disjoint: enforced as it is, unreported
-        "a/b": {"type": "integer", "not": {"const": 3}},
-        "id": {"type": "string", "pattern": "^(?!0)[0-9]+$", "format": "non-standard"}}}
+    schema = {
+        "type": "object",
+        "properties": {
+            "tags": {"type": "array", "items": {"type": "string", "minLength": 2}, "uniqueItems": True},
+            "n": {"oneOf": [{"type": "integer"}, {"type": "number"}]},
+            "kind": {"oneOf": [{"const": "a"}, {"const": "b"}]},  # disjoint: enforced as it is, unreported
+            "a/b": {"type": "integer", "not": {"const": 3}},
+            "id": {"type": "string", "pattern": "^(?!0)[0-9]+$", "format": "non-standard"},
+        },
+    }
     relaxed, dropped = relax(schema, "xgrammar", regular_pattern)
-    assert sorted(dropped) == ["/properties/a~1b/not", "/properties/id/pattern", "/properties/n/oneOf",
-                               "/properties/tags/items/minLength", "/properties/tags/uniqueItems"]
+    assert sorted(dropped) == [
+        "/properties/a~1b/not",
+        "/properties/id/pattern",
+        "/properties/n/oneOf",
+        "/properties/tags/items/minLength",
+        "/properties/tags/uniqueItems",
+    ]
     assert relaxed["properties"]["n"] == {"anyOf": [{"type": "integer"}, {"type": "number"}]}
     assert relaxed["properties"]["kind"] == {"anyOf": [{"const": "a"}, {"const": "b"}]}
     assert relaxed["additionalProperties"] is False  # closed once nothing open-world is left

@@ -377,11 +377,11 @@ def test_failing_backend_error_is_raised_by_run_and_kept_by_run_batch():
 
 
 def test_default_backend_and_flush_cache(backend):
-    from radixrt.lang.backend import base
+    from radixrt.lang.backend import registry
 
-    saved = base._default_backend
+    saved = registry._default_backend
     try:
-        base._default_backend = None
+        registry._default_backend = None
         assert sgl.flush_cache() is False
         with pytest.raises(ValueError, match="no backend"):
             sgl.function(lambda s: None).run()
@@ -391,7 +391,7 @@ def test_default_backend_and_flush_cache(backend):
         with pytest.raises(TypeError, match="not a backend"):
             sgl.set_default_backend(object())
     finally:
-        base._default_backend = saved
+        registry._default_backend = saved
 
 
 def test_bind_and_call(backend):

@@ -4,7 +4,7 @@ the server answers it.
     GrammarError        400  invalid spec, or a feature the engine cannot honor
     GrammarTooLarge     413  over a size limit (limits.py): refused before any work
     GrammarTimeout      408  compiling took longer than the time budget
-    GrammarUnavailable  503  the grammar engine could not be set up (no request can be constrained)
+    GrammarUnavailable  400  the grammar engine could not be set up (no request can be constrained)
 
 Separate from base.py so the torch-free preparation code (schema.py, prepare.py) and the
 preparation processes can raise them without importing the engine interface.
@@ -32,9 +32,10 @@ class GrammarTimeout(GrammarError):
 
 
 class GrammarUnavailable(RuntimeError):
-    """The grammar engine failed to start; unconstrained requests are unaffected."""
+    """The grammar engine failed to start (e.g. it cannot read this model's tokenizer); unconstrained
+    requests are unaffected. A 400, not a 503: retrying does not help, the request must drop its constraint."""
 
-    http_status = 503
+    http_status = 400
 
 
 def one_line(exc: BaseException) -> str:

@@ -98,7 +98,9 @@ def resolve_model_path(model: str | os.PathLike | None, cache_dir: str | os.Path
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return _converted_gguf(path, cache_dir)
-        raise ModelLoadError(f"model path '{model}' is a file but not a .gguf; pass a checkpoint folder or a .gguf file")
+        raise ModelLoadError(
+            f"model path '{model}' is a file but not a .gguf; pass a checkpoint folder or a .gguf file"
+        )
     read_model_config(path)
     _weight_files(path)
     return path
@@ -110,7 +112,9 @@ def read_model_config(folder: str | os.PathLike) -> ModelConfig:
     Chat models often stop on a token that only generation_config.json names (Llama 3's <|eot_id|>).
     """
     folder = Path(folder)
-    hf = _read_json(folder / "config.json", what="config.json", missing_hint="it is not a Hugging Face checkpoint folder")
+    hf = _read_json(
+        folder / "config.json", what="config.json", missing_hint="it is not a Hugging Face checkpoint folder"
+    )
     try:
         config = ModelConfig.from_hf_dict(hf)
     except KeyError as e:
@@ -154,7 +158,9 @@ def _iter_tensors(handles, dtype: torch.dtype, device) -> Iterator[tuple[str, to
                 try:
                     tensor = handle.get_tensor(name)
                 except Exception as e:
-                    raise ModelLoadError(f"cannot read tensor '{name}' from '{file}' (corrupt or truncated?): {e}") from e
+                    raise ModelLoadError(
+                        f"cannot read tensor '{name}' from '{file}' (corrupt or truncated?): {e}"
+                    ) from e
                 if tensor.is_floating_point():
                     tensor = tensor.to(device=device, dtype=dtype)
                 else:
@@ -316,7 +322,9 @@ def _weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.gguf"))
-        found = f" (found {', '.join(others)}; radixrt reads safetensors, or pass a .gguf file itself)" if others else ""
+        found = (
+            f" (found {', '.join(others)}; radixrt reads safetensors, or pass a .gguf file itself)" if others else ""
+        )
         raise ModelLoadError(f"no *.safetensors weights in '{folder}'{found}")
     return files
 

@@ -53,7 +53,7 @@ class RequestGrammars:
 
     def poll(self) -> tuple[list[Req], list[tuple[Req, Exception]]]:
         """Requests whose grammar finished compiling: (ready, failed with the error). An error's
-        `http_status` says why: 400 invalid, 408 over the time budget, 413 too large, 503 no engine."""
+        `http_status` says why: 400 invalid, 408 over the time budget, 413 too large, 400 no engine for this model."""
         ready, failed = [], []
         for req, future in [(r, f) for r, f in self.compiling.items() if f.done()]:
             del self.compiling[req]
