@@ -303,6 +303,14 @@ def test_model_and_server_info_in_sglang_shapes(server, tiny_llama):
         assert info["model_path"] == str(tiny_llama) and info["version"] and info["worker_pid"]
 
 
+def test_get_load_for_the_router_and_its_placeholder_model_name(server, client):
+    (load,) = server.get("/get_load").json()  # sglang-router's load-aware policies poll it
+    assert load["dp_rank"] == 0 and load["num_reqs"] >= 0 and load["num_tokens"] >= 0
+    # the router sends "unknown" for a request that names no model
+    out = client.chat.completions.create(model="unknown", messages=[{"role": "user", "content": "w5"}], max_tokens=2)
+    assert out.choices[0].message.content is not None
+
+
 def test_flush_cache_answers_as_sglang(server):
     r = server.post("/flush_cache")
     assert r.status_code == 200 and r.text.startswith("Cache flushed.")

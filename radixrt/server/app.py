@@ -72,9 +72,9 @@ def build_app(
         except BaseException:
             await manager.close()
             raise
-        # "default" as SGLang accepts it (its examples send it), and the model's folder and file names:
-        # one server serves one model.
-        aliases = {"default", str(manager.model_dir)} | _names_of(config.model)
+        # "default" as SGLang accepts it (its examples send it), "unknown" as sglang-router fills in
+        # for a request that names none, and the model's folder and file names: one server, one model.
+        aliases = {"default", "unknown", str(manager.model_dir)} | _names_of(config.model)
         app.state.rt = ServerState(manager, metrics, settings, model_name(config, settings), preparer, aliases)
         if on_ready:
             on_ready(app.state.rt.model_name)

@@ -1,4 +1,5 @@
-"""What the server serves, in OpenAI's and SGLang's shapes: /v1/models, /model_info, /server_info.
+"""What the server serves, in OpenAI's and SGLang's shapes: /v1/models, /model_info, /server_info,
+and how busy it is (/get_load, which sglang-router's load-aware policies poll).
 
 SGLang's clients read `/get_model_info` (`model_path`, `tokenizer_path`, `is_generation`, ...)
 and `/get_server_info` (its server arguments, flattened, plus the scheduler's numbers); newer
@@ -114,3 +115,14 @@ async def get_server_info(request: Request):
             "stats": stats,
         }
     )
+
+
+@router.get("/get_load")
+async def get_load(request: Request):
+    """SGLang's shape, one entry per data-parallel rank (a radixrt server is one rank): requests
+    running or waiting, and KV tokens in use."""
+    st = state(request)
+    s = await st.manager.stats()
+    used = (s.total_pages - s.free_pages - s.evictable_pages) * s.page_size  # held by requests, not idle cache
+    return JSON([{"dp_rank": 0, "num_reqs": s.num_running + s.num_waiting, "num_waiting_reqs": s.num_waiting,
+                  "num_tokens": used}])  # fmt: skip
