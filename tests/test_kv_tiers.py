@@ -23,7 +23,7 @@ PS = 4
 PROMPT = list(range(3, 203))  # 200 tokens: 50 pages
 FILLERS = [[(i * 7 + j) % 300 + 3 for j in range(200)] for i in range(1, 6)]  # evict PROMPT from memory
 GREEDY = {"max_new_tokens": 8, "temperature": 0}
-SMALL = dict(page_size=PS, max_total_tokens=256, chunked_prefill_size=64, num_threads=1)
+SMALL = dict(page_size=PS, max_total_tokens=256, chunked_prefill_size=64, num_threads=1, kv_disk_gb=0.01)
 
 
 def tier_dir(root) -> str:

@@ -123,6 +123,10 @@ GENERATE_DEFAULT_ONLY: dict[str, tuple[tuple, str]] = {
     "log_metrics": ((True,), "leave requests out of the metrics"),
     "return_hidden_states": ((False,), "return hidden states"),
     "priority": ((0,), "schedule by request priority"),
+    "background": ((False,), "run requests in the background"),
+    "no_logs": ((False,), "leave requests out of the logs"),
+    "return_bytes": ((False,), "return text as bytes"),
+    "return_entropy": ((False,), "return the sampling entropy"),
 }
 GENERATE_UNSUPPORTED: dict[str, str] = {
     **{name: _TEXT_ONLY for name in ("image_data", "audio_data", "video_data", "input_embeds", "modalities")},

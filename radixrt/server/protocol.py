@@ -253,6 +253,7 @@ class ChatCompletionRequest(SamplingFields):
         **OPENAI_DEFAULT_ONLY,
         "echo": ((False,), "echo the last message"),
         "best_of": ((1,), "pick the best of several samples (n samples are all returned)"),
+        "stream_reasoning": ((True,), "hold reasoning back until it ends (it streams as it comes)"),
     }
 
     @model_validator(mode="before")

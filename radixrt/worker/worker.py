@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import time
+from functools import partial
 
 import torch
 
@@ -66,7 +67,7 @@ class Worker:
         self.eos_ids = sorted(set(self.model_config.eos_token_ids))
         self.grammars = RequestGrammars(
             config.grammar_backend,
-            lambda: load_tokenizer(self.model_dir),
+            partial(load_tokenizer, self.model_dir),  # not a lambda on self: that would keep the worker alive
             self.model_config.vocab_size,
             self.eos_ids,
             GrammarLimits(time_budget_s=config.grammar_compile_timeout_s),
