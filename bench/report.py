@@ -26,10 +26,10 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def machine_line(r: dict, dtype: str = "float32") -> str:
+def machine_line(r: dict, dtype: str = "float32", model: str = MODEL) -> str:
     m = r.get("machine", {})
     where = m.get("cuda") or f"{m.get('cpu', '?')} CPU, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}"
-    return f"*{where}; model {MODEL}; {dtype}; measured {m.get('date', '?')}.*"
+    return f"*{where}; model {model}; {dtype}; measured {m.get('date', '?')}.*"
 
 
 def figure(name: str, draw: Callable[[plt.Axes], None], width: float = 7) -> str:
@@ -50,6 +50,15 @@ def bars(ax, labels: list[str], values: list[float], ylabel: str, title: str) ->
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", labelsize=8)
+
+
+def grouped(ax, groups: list[str], series: list[str], value: Callable[[str, str], float]) -> None:
+    """One cluster of bars per group, one bar per series in each."""
+    width = 0.8 / len(series)
+    for i, name in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
+        ax.bar(xs, [value(g, name) for g in groups], width, label=name)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
 
 
 def missing(script: str) -> list[str]:
@@ -124,6 +133,96 @@ def throughput_one(r: dict) -> list[str]:
         "",
     ]
     return out
+
+
+LATENCY_NOTES = {
+    "default": "`default` computes in bf16 on the GGUF's own 4-bit weights.",
+    "bf16-eager": "`bf16-eager` runs the forward op by op from Python instead of the fused decoder.",
+    "int8": "`int8` and `int4` are requantized from bf16.",
+}
+
+
+def latency() -> list[str]:
+    out = ["## Single-stream latency (`bench/latency.py`)", ""]
+    r = load("latency")
+    if not r:
+        return out + missing("latency.py")
+    res, peer = r["results"], r.get("llama_cpp")
+    out += [machine_line(r, "dtype and weights per configuration"), ""]
+    out += [
+        "Through the in-process `Engine` (what a DSL program or an agent loop sees): decode tok/s of one "
+        "request (streamed, from its first token to its last) and of batches of 8 and 32; prefill tok/s of one "
+        "512-token prompt with the cache off; TTFT of a 2,000-token prompt whose first 1,984 tokens are cached. "
+        "`b1 GB/s`: the weight bytes a decode step reads times the batch-1 rate, against the machine's read "
+        f"bandwidth measured in the same run ({r['read_bandwidth_gbs']:.1f} GB/s). "
+        + (f"Configurations alternate, best of {r['repeats']} rounds." if r["repeats"] > 1 else "One round.")
+        + "".join(f" {note}" for name, note in LATENCY_NOTES.items() if name in res),
+        "",
+    ]
+    if peer:
+        out += [
+            f"Baseline in the same run: llama.cpp's `llama-bench` (build {peer.get('build', '?')}) on the same "
+            "GGUF, 2 threads: tg128 (128 generated tokens, batch 1) beside our batch-1 decode, pp512 beside our "
+            "512-token prefill.",
+            "",
+        ]
+    else:
+        out += ["No llama.cpp baseline in this run: `llama-bench` was not on PATH (see the top of this page).", ""]
+    rows = [
+        {
+            "config": name,
+            "dtype": x["dtype"],
+            "weights": x["quantization"].replace("none", "unquantized"),
+            "weight MiB": x["weight_mb"],
+            "decode b1 tok/s": x["decode_b1"],
+            "b1 GB/s": x["decode_b1_gbs"],
+            "b1 vs llama.cpp": f"{x['decode_b1'] / peer['tg128']:.2f}x" if peer else "",
+            "decode b8 tok/s": x["decode_b8"],
+            "decode b32 tok/s": x["decode_b32"],
+            "prefill 512 tok/s": x["prefill_512"],
+            "TTFT 2,000 cached ms": x["ttft_cached_2000_ms"],
+        }
+        for name, x in res.items()
+    ]
+    if peer:
+        rows.append(
+            {
+                "config": "llama.cpp llama-bench",
+                "weights": "gguf",
+                "decode b1 tok/s": peer["tg128"],
+                "b1 vs llama.cpp": "1.00x",
+                "prefill 512 tok/s": peer["pp512"],
+            }
+        )
+    columns = list(rows[0])
+    if not peer:
+        columns.remove("b1 vs llama.cpp")
+    out += [table(rows, columns), ""]
+    names = list(res) + (["llama.cpp"] if peer else [])
+    series = [
+        (
+            "decode, batch 1 (llama.cpp: tg128)",
+            [x["decode_b1"] for x in res.values()] + ([peer["tg128"]] if peer else []),
+        ),
+        (
+            "prefill, 512 tokens (llama.cpp: pp512)",
+            [x["prefill_512"] for x in res.values()] + ([peer["pp512"]] if peer else []),
+        ),
+    ]
+
+    def draw(ax):
+        for i, (label, values) in enumerate(series):
+            xs = [j + (i - 0.5) * 0.4 for j in range(len(names))]
+            ax.bar(xs, values, 0.4, label=label)
+            for x, v in zip(xs, values):
+                ax.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("tok/s")
+        ax.legend(fontsize=8)
+        ax.set_title("One request: decode and prefill, same run", fontsize=10)
+
+    return out + [figure("latency", draw, 8), ""]
 
 
 def prefix_reuse() -> list[str]:
@@ -207,13 +306,20 @@ def policy_cost() -> list[str]:
         return out + missing("policy_cost.py")
     out += [machine_line(r), ""]
     out += [
-        "Time to order the waiting queue once (one scheduler step). `tree-walk lpm` matches every request "
-        "through the radix tree, as SGLang does (it falls back to FCFS above 128 waiting); radixrt's `lpm` "
-        "looks up page hashes instead.",
+        "Time to order the waiting queue once (one scheduler step, the first "
+        f"{r.get('candidates', 256)} candidates), on a tree of 1,000 cached ~1,000-token sequences. "
+        "`tree-walk lpm` matches every request through the radix tree, as SGLang does (it falls back to FCFS "
+        "above 128 waiting); radixrt's `lpm` keeps each waiting request's cached length current as the cache "
+        "changes, so a step pops its candidates off a heap: `upkeep` is what a step's cache changes cost that "
+        "bookkeeping (beyond the changes themselves, `cache`), `full re-rank` the previous lpm (every request "
+        "looked up by its page hashes and sorted). `enqueue` and `hash once` are paid once per request, on "
+        "arrival, for all of them together.",
         "",
     ]
     rows = r["rows"]
-    out += [table(rows, list(rows[0])), ""]
+    columns = ["waiting", "lpm ms", "upkeep ms", "full re-rank ms", "tree-walk lpm ms", "fcfs ms", "dfs-weight ms",
+               "lpm enqueue ms", "hash once ms", "cache ms"]  # fmt: skip
+    out += [table(rows, [c for c in columns if c in rows[0]] or list(rows[0])), ""]
 
     def draw(ax):
         for key in ("lpm ms", "tree-walk lpm ms", "dfs-weight ms", "fcfs ms"):
@@ -260,8 +366,9 @@ def serving() -> list[str]:
     if s.get("peer_note"):
         out += [f"Peer: {s['peer_note']}.", ""]
     out += [
-        "To add a llama.cpp peer on the same GGUF (optional): build llama.cpp's `llama-server`, start it with "
-        "`llama-server -m $(python -c 'from radixrt.model.loader import default_gguf_path; "
+        "To add a llama.cpp peer on the same GGUF (optional): build `llama-server` as at the top of this page, "
+        f"start it with `{LLAMA_CPP_DIR}/build/bin/llama-server -m $(python -c "
+        "'from radixrt.model.loader import default_gguf_path; "
         "print(default_gguf_path())') -np 8 -kvu -t 2 -c 16384 --port 8080`, and run "
         '`python bench/serve.py --peer-url http://127.0.0.1:8080 --peer-note "llama.cpp <version>, ..."`.',
         "",
@@ -412,6 +519,293 @@ def programs() -> list[str]:
     return out + [""]
 
 
+def speculative() -> list[str]:
+    out = ["## Speculative decoding (`bench/speculative.py`)", ""]
+    found = [r for r in (load("speculative"), load("speculative_float32")) if r]
+    if not found:
+        return out + missing("speculative.py")
+    for r in found:
+        a = r["args"]
+        dtype = "bfloat16 (auto on this CPU)" if a["dtype"] == "auto" else a["dtype"]
+        if len(found) > 1:
+            out += [f"### {dtype}", ""]
+        out += [machine_line(r, dtype), ""]
+        out += [
+            f"Greedy decode tok/s with drafts against no speculation (`off`), the same prompts in the same round; "
+            f"configurations alternate, best of {a['repeats']} rounds; at most {a['max_new_tokens']} new tokens per "
+            "request, each streamed on its own thread (tok/s from the moment every request has its first token). "
+            "Batch B runs B variants of a workload at once. Workloads: `json` extracts a hotel's details from a "
+            "passage under a JSON schema, `quotes` summarises an article quoting sentences word for word, `agent` "
+            "re-emits a tool's output, `free` writes a story (nothing to copy: the control). `ngram` drafts from "
+            "the request's own tokens, `ngram+cache` also from the radix cache, `draft-int4` from a draft model "
+            "quantized to int4. Accept rate: drafts kept / drafted; accept length: tokens per verify step "
+            "(SGLang's); identical: outputs equal to `off`'s (in bf16 a multi-row forward rounds differently "
+            "from a single row, as batching does; in float32 they agree). Each round starts from an empty cache, "
+            "so `ngram+cache` can only add drafts from the other requests of its batch.",
+            "",
+        ]
+        draft = r["configs"].get("draft-int4", {}).get("speculative_draft_model_path", "")
+        if MODEL in draft:
+            out += [
+                "The draft model here is the target's own GGUF at int4: it agrees with the target almost always, "
+                "so `draft-int4` shows the mechanism's cost at near-perfect drafts, not what a smaller draft "
+                "model would give.",
+                "",
+            ]
+        rows = [
+            {
+                "workload": x["workload"],
+                "batch": x["batch"],
+                "config": x["config"],
+                "tok/s": x["tok_s"],
+                "speed-up": f"{x['speedup']:.2f}x",
+                "accept rate": f"{x['accept_rate']:.0%}" if x["config"] != "off" else "",
+                "accept length": x["accept_length"],
+                "identical": x["identical"],
+            }
+            for x in r["rows"]
+        ]
+        out += [table(rows, list(rows[0])), ""]
+        batch = min(x["batch"] for x in r["rows"])
+        at = {(x["workload"], x["config"]): x["speedup"] for x in r["rows"] if x["batch"] == batch}
+        workloads = list(dict.fromkeys(w for w, _ in at))
+        configs = [c for c in dict.fromkeys(c for _, c in at) if c != "off"]
+
+        def draw(ax, at=at, workloads=workloads, configs=configs, batch=batch):
+            grouped(ax, workloads, configs, lambda w, c: at.get((w, c), 0))
+            ax.axhline(1, color="grey", linewidth=0.8)
+            ax.set_ylabel("tok/s vs no speculation")
+            ax.legend(fontsize=8)
+            ax.set_title(f"Speculative decoding speed-up at batch {batch}, same run", fontsize=10)
+
+        suffix = "" if a["dtype"] == "auto" else f"_{a['dtype']}"
+        out += [figure("speculative" + suffix, draw), ""]
+    return out
+
+
+def kv_tiers() -> list[str]:
+    out = ["## KV tiers: memory, disk, restart (`bench/kv_tiers.py`)", ""]
+    r = load("kv_tiers")
+    if not r:
+        return out + missing("kv_tiers.py")
+    c, rows = r["config"], r["rows"]
+    out += [machine_line(r, rows[0]["dtype"]), ""]
+    out += [
+        f"{c['sessions']} agent sessions, each a 256-token system prompt shared by all and its own "
+        f"{c['history']:,}-token history: every session's first turn, then {c['rounds']} returning "
+        f"round{'s' * (c['rounds'] != 1)} in a shuffled order (the history so far, a {c['user']}-token message, "
+        f"{c['gen']} generated tokens), one request at a time. The sessions' KV ({c['kv_tokens']:,} tokens) is "
+        f"{c['kv_tokens'] / c['pool_tokens']:.1f}x the memory pool ({c['pool_tokens']:,} tokens). Baselines in the "
+        "same run: the same pool without the disk tier (a returning session recomputes its history) and a pool "
+        "that holds everything (the hit-rate ceiling). Hit rate and TTFT are the returning turns'. Warm restart: "
+        "a fresh engine's first request, with the tier the first engine left on disk and without. Design: "
+        "[kv_tiers.md](kv_tiers.md).",
+        "",
+    ]
+    table_rows = [
+        {
+            "variant": x["variant"],
+            "pool tokens": f"{x['pool_tokens']:,}",
+            "hit rate": f"{x['hit_rate']:.1%}",
+            "tok/s": x["tok_s"],
+            "TTFT p50 ms": x["return_ttft_p50_ms"],
+            "TTFT p90 ms": x["return_ttft_p90_ms"],
+            "disk hit tokens": f"{x['disk_hit_tokens']:,}",
+            "evicted tokens": f"{x['evicted_tokens']:,}",
+        }
+        for x in rows
+    ]
+    out += [table(table_rows, list(table_rows[0])), ""]
+    restarts = [
+        {
+            "warm restart": x["variant"].removeprefix("restart, "),
+            "prompt tokens": f"{x['return_prompt_tokens']:,}",
+            "hit rate": f"{x['hit_rate']:.1%}",
+            "first TTFT ms": x["first_ttft_ms"],
+        }
+        for x in r.get("restarts", [])
+    ]
+    if restarts:
+        out += [table(restarts, list(restarts[0])), ""]
+    labels = [x["variant"] for x in rows] + [x["variant"] for x in r.get("restarts", [])]
+    values = [x["return_ttft_p50_ms"] for x in rows] + [x["first_ttft_ms"] for x in r.get("restarts", [])]
+    out.append(
+        figure(
+            "kv_tiers",
+            lambda ax: bars(ax, labels, values, "ms", "TTFT of a returning session (p50), and of a warm restart"),
+            8,
+        )
+    )
+    return out + [""]
+
+
+def scaleout() -> list[str]:
+    out = ["## Scaling out on one machine (`bench/scaleout.py`)", ""]
+    r = load("scaleout")
+    if not r or not ({"tp", "dp"} & set(r)):
+        return out + missing("scaleout.py tp") + missing("scaleout.py dp")
+    out += [
+        machine_line(r, "dtype per model")
+        + " The date is the last section's; each section gives the load average while it ran. "
+        "Discussion: [scaling.md](scaling.md).",
+        "",
+    ]
+    tp = r.get("tp")
+    if tp:
+        out += [
+            "### Tensor parallelism (`scaleout.py tp`)",
+            "",
+            "The decode step of a `ModelRunner` at tp=2 (one torch thread per rank, collectives over loopback "
+            "gloo) against tp=1 with all the threads, eager and fused, same run. Random-weight checkpoints: a "
+            "tiny one and one of the default model's sizes with 8 heads of 72 and 2 KV heads (its 9 and 3 do "
+            f"not split over 2 ranks). {tp['context']} tokens of KV per sequence, {tp['rounds']} rounds of "
+            f"{tp['steps']} steps, each point's best round (median step; `best ms` its fastest single step); load "
+            f"average {tp['load_average'][0]:.1f}. On a CPU the ranks share one memory bus and each step adds "
+            "2 + 2 x layers + 1 collectives: this measures the plumbing, not a speed-up.",
+            "",
+            table(tp["rows"], ["model", "setup", "threads per rank", "batch", "step ms", "best ms", "tok/s"]),
+            "",
+        ]
+    else:
+        out += ["### Tensor parallelism (`scaleout.py tp`)", ""] + missing("scaleout.py tp")
+    dp = r.get("dp")
+    out += ["### Data parallelism behind sglang-router (`scaleout.py dp`)", ""]
+    if not dp:
+        return out + missing("scaleout.py dp")
+    out += [
+        "`radixrt serve --dp 2` (two 1-thread replicas behind sglang-router) with the router's `cache_aware` "
+        "policy against `round_robin`, and one replica with both threads (`dp=1`), each a fresh server, on "
+        f"`bench/serve.py`'s multi-turn chat and few-shot workloads: {dp['concurrency']} clients, "
+        f"{dp['max_tokens']} output tokens per request, streamed; load average {dp['load_average'][0]:.1f}. "
+        "Hit rate: the share of prompt tokens the replicas found in their caches."
+        + (
+            " This run used `--quick` (small workloads): a check that it works, not a comparison to rely on."
+            if dp.get("quick")
+            else ""
+        ),
+        "",
+    ]
+    rows = [{**x, "hit rate": f"{x['hit rate']:.1%}"} for x in dp["rows"]]
+    out += [table(rows, list(rows[0])), ""]
+    workloads = list(dict.fromkeys(x["workload"] for x in dp["rows"]))
+    setups = list(dict.fromkeys(x["setup"] for x in dp["rows"]))
+    hit = {(x["workload"], x["setup"]): 100 * x["hit rate"] for x in dp["rows"]}
+
+    def draw(ax):
+        grouped(ax, workloads, setups, lambda w, s: hit.get((w, s), 0))
+        ax.set_ylabel("hit rate %")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=8, loc="upper center", ncol=len(setups))
+        ax.set_title("Prefix-cache hit rate per router policy", fontsize=10)
+
+    return out + [figure("scaleout_dp", draw), ""]
+
+
+def soak() -> list[str]:
+    out = ["## Soak and chaos (`bench/soak.py`)", ""]
+    r = load("soak")
+    if not r:
+        return out + missing("soak.py")
+    a, s, o = r["args"], r["idle_stats"], r["outcomes"]
+    out += [machine_line(r, "dtype auto", r["model"]), ""]
+    out += [
+        f"{a['requests']:,} requests of every kind (chat and completions, streamed or not, n > 1, JSON-schema "
+        "output, `/generate` with stop strings, cache salts, DSL programs that fork) from "
+        f"{a['concurrency']} clients against `radixrt serve` on a {a['max_total_tokens']:,}-token KV pool; about "
+        "one in eight abandoned by its client mid-request, and the worker SIGKILLed twice. Not a speed "
+        "comparison: the expected column is what must hold. See [server.md](server.md#benchmark).",
+        "",
+    ]
+    probe, health, rss = r["probe_seconds"], r["health_seconds"], r["front_end_rss_mib"]
+    rows = [
+        ("requests", f"{a['requests']:,} in {r['seconds']:,.0f} s", ""),
+        *((f"{k}", f"{v:,}", "") for k, v in sorted(o.items()) if k != "lost"),
+        ("lost", o.get("lost", 0), 0),
+        ("5xx outside the worker kills", r["server_errors_outside_kills"], 0),
+        ("worker kills: down for (s)", ", ".join(f"{k['down_seconds']:.1f}" for k in r["kills"]), "2 kills"),
+        ("idle: running + waiting", s["num_running"] + s["num_waiting"], 0),
+        ("idle: used pages (leaked)", s["used_pages"], 0),
+        ("idle: protected pages (locked)", s["protected_pages"], 0),
+        ("idle: free + cached == total", s["free_pages"] + s["cached_pages"] == s["total_pages"], True),
+        ("flush: every page free", r["flushed_all_free"], True),
+        ("preemptions / evicted tokens", f"{s['num_preemptions']:,} / {s['evicted_tokens']:,}", "> 0"),
+        ("probe request p50 / p99 / max (s)", f"{probe['p50']:.3f} / {probe['p99']:.3f} / {probe['max']:.3f}", ""),
+        ("/health p99 / max (s)", f"{health['p99']:.3f} / {health['max']:.3f}", ""),
+        ("front-end RSS before / after (MiB)", f"{rss['before']:,.0f} / {rss['after']:,.0f}", ""),
+    ]
+    rows = [dict(zip(("what", "value", "expected"), row)) for row in rows]
+    return out + [table(rows, ["what", "value", "expected"]), ""]
+
+
+def quant_kernels() -> list[str]:
+    out = ["## Quantized linear kernels (`bench/quant_kernels.py`)", ""]
+    r = load("quant_kernels")
+    if not r:
+        return out + missing("quant_kernels.py")
+    out += [machine_line(r, "bf16 activations"), ""]
+    per_layer = r["per_layer"]
+    contenders = [c for c in per_layer[0] if c not in ("layer", "M") and not c.startswith("GB/s")]
+    out += [
+        "µs per call of the default model's linear layers (qkv 960x576, o 576x576, gate_up 3072x576, down "
+        "576x1536, LM head 49152x576) at M rows, against bf16 `F.linear` (the unquantized path) in the same run: "
+        "torch's int8 and int4 kernels (`aten-*`), radixrt's `csrc/quant_linear.cpp` in int8 (per channel) and "
+        "int4 (groups of 32), int4 dequantized to bf16 followed by a bf16 GEMM, and what `QuantLinear` picks for "
+        "that M. Hot: each layer called back to back (its weights in cache), the contenders interleaved, best "
+        "round. Design and discussion: [kernels.md](kernels.md).",
+        "",
+        "All GEMMs of one decode step (hot per-layer times x 30 layers + the LM head), ms:",
+        "",
+        table(r["step_hot"], ["M", *contenders, "fastest"]),
+        "",
+    ]
+    hot = r["step_hot"]
+    shown = [
+        c for c in ("bf16", "aten-int4", "native-int8", "native-int4", "dequant-int4", "QuantLinear") if c in hot[0]
+    ]
+
+    def draw(ax):
+        for c in shown:
+            ax.plot([x["M"] for x in hot], [x[c] for x in hot], marker="o", label=c)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("rows M")
+        ax.set_ylabel("ms per decode step's GEMMs")
+        ax.legend(fontsize=8)
+        ax.set_title("Linear layers of one step, hot (lower is better)", fontsize=10)
+
+    out += [figure("quant_kernels", draw), ""]
+    m1 = [x for x in per_layer if x["M"] == 1]
+    out += ["Per layer at M = 1, µs per call (hot):", "", table(m1, ["layer", *contenders]), ""]
+    out += [
+        "One decode step's GEMMs cold (30 layers + LM head with distinct weights, in model order, so the "
+        "weights stream from memory as in a real step):",
+        "",
+        table(r["step_cold"], ["M", "kernel", "ms", "GB/s"]),
+        "",
+    ]
+    return out
+
+
+def quant_quality() -> list[str]:
+    out = ["## Quantization quality (`bench/quant_quality.py`)", ""]
+    r = load("quant_quality")
+    if not r:
+        return out + missing("quant_quality.py")
+    out += [machine_line(r, "bf16 but the float32 row"), ""]
+    out += [
+        f"Perplexity over the first {r['tokens']:,} tokens of Python's `help()` topics (`pydoc_data/topics.py`) "
+        f"in windows of {r['window']}, each scored from its own start; greedy agreement over {r['prompts']} chat "
+        "prompts x 32 tokens, against bf16 and against float32, in the same run. `bf16` is the GGUF's weights "
+        "dequantized and rounded to bf16; `int8` (per channel) and `int4` (groups of 32, LM head int8) are "
+        "requantized from it; `int4-head4` has an int4 LM head too; `gguf` is the GGUF's own Q4_1 / Q8_0 "
+        "integers. The default model is itself a Q4_1 GGUF, so int4 in groups of 32 finds its grid again: "
+        "this understates what int4 costs a model trained in float.",
+        "",
+    ]
+    rows = [{**x, "perplexity": f"{x['perplexity']:.3f}"} for x in r["rows"]]
+    return out + [table(rows, [c for c in rows[0] if c != "seconds"]), ""]
+
+
 def headline_rows() -> list[dict]:
     """One line per benchmark: the number a newcomer wants, with its same-run baseline."""
     rows = []
@@ -427,6 +821,25 @@ def headline_rows() -> list[dict]:
                     f"{t['hf_sequential']['tok_s']:.1f} ({t['speedup_vs_hf_sequential']:.1f}x)",
                 }
             )
+    lt = load("latency")
+    if lt and lt.get("llama_cpp") and "default" in lt["results"]:
+        d, peer = lt["results"]["default"], lt["llama_cpp"]
+        rows.append(
+            {
+                "what": "decode, one request, GGUF 4-bit weights",
+                "radixrt": f"{d['decode_b1']:.0f} tok/s",
+                "baseline (same run)": f"llama.cpp tg128 {peer['tg128']:.0f} tok/s "
+                f"({d['decode_b1'] / peer['tg128']:.2f}x)",
+            }
+        )
+        rows.append(
+            {
+                "what": "prefill, 512-token prompt, GGUF 4-bit weights",
+                "radixrt": f"{d['prefill_512']:,.0f} tok/s",
+                "baseline (same run)": f"llama.cpp pp512 {peer['pp512']:.0f} tok/s "
+                f"({d['prefill_512'] / peer['pp512']:.2f}x)",
+            }
+        )
     pr = load("prefix_reuse")
     if pr and not pr["config"].get("quick"):
         runs = {(x["workload"], x["variant"]): x for x in pr["runs"]}
@@ -449,6 +862,21 @@ def headline_rows() -> list[dict]:
                     "baseline (same run)": f"hit rates; optimal {next(iter(tight.values()))['optimal_hit_rate']:.0%}",
                 }
             )
+    kv = load("kv_tiers")
+    if kv and not kv["config"].get("quick"):
+        v, c = {x["variant"]: x for x in kv["rows"]}, kv["config"]
+        mem, disk, ceiling = v.get("memory only"), v.get("disk tier"), v.get("unbounded")
+        if mem and disk:
+            rows.append(
+                {
+                    "what": f"returning session, {c['history']:,}-token history, "
+                    f"KV {c['kv_tokens'] / c['pool_tokens']:.1f}x the pool",
+                    "radixrt": f"disk tier: TTFT {disk['return_ttft_p50_ms']:,.0f} ms, hit rate {disk['hit_rate']:.0%}",
+                    "baseline (same run)": f"memory only: TTFT {mem['return_ttft_p50_ms']:,.0f} ms, "
+                    f"hit rate {mem['hit_rate']:.0%}"
+                    + (f"; unbounded pool {ceiling['return_ttft_p50_ms']:,.0f} ms" if ceiling else ""),
+                }
+            )
     sv = load("serve")
     if sv:
         for x in sv["rows"]:
@@ -467,6 +895,32 @@ def headline_rows() -> list[dict]:
                         else "-",
                     }
                 )
+    so = load("scaleout")
+    dp = so.get("dp") if so else None
+    if dp and not dp.get("quick"):
+        by = {(x["workload"], x["setup"]): x for x in dp["rows"]}
+        aware, rr = by.get(("multi-turn-chat", "dp=2 cache_aware")), by.get(("multi-turn-chat", "dp=2 round_robin"))
+        if aware and rr:
+            rows.append(
+                {
+                    "what": f"multi-turn chat, 2 replicas behind sglang-router, {dp['concurrency']} clients",
+                    "radixrt": f"cache_aware: hit rate {aware['hit rate']:.0%}, {aware['output tok/s']:.0f} tok/s",
+                    "baseline (same run)": f"round_robin: hit rate {rr['hit rate']:.0%}, "
+                    f"{rr['output tok/s']:.0f} tok/s",
+                }
+            )
+    sp = load("speculative")
+    if sp:
+        at = {(x["workload"], x["config"]): x for x in sp["rows"] if x["batch"] == 1}
+        found = [(w, at[w, "ngram"]) for w in ("quotes", "agent", "json", "free") if (w, "ngram") in at]
+        if found:
+            rows.append(
+                {
+                    "what": "speculative n-gram drafts, batch 1",
+                    "radixrt": ", ".join(f"{w} {x['speedup']:.2f}x" for w, x in found),
+                    "baseline (same run)": "no speculation, same prompts (free writing: the control)",
+                }
+            )
     c = load("constrained")
     if c:
         th = {(x["config"], x["batch"]): x for x in c["throughput"]}
@@ -514,6 +968,29 @@ def headline_rows() -> list[dict]:
                     f"{d['vs_sdpa']:.2f}x contiguous SDPA",
                 }
             )
+    qk = load("quant_kernels")
+    if qk:
+        cold = {x["kernel"]: x for x in qk["step_cold"] if x["M"] == 1}
+        int4, bf16 = cold.get("native-int4"), cold.get("bf16")
+        if int4 and bf16:
+            rows.append(
+                {
+                    "what": "int4 linear layers of a decode step (batch 1)",
+                    "radixrt": f"{int4['ms']:.1f} ms ({int4['GB/s']:.0f} GB/s)",
+                    "baseline (same run)": f"bf16 weights {bf16['ms']:.1f} ms ({bf16['ms'] / int4['ms']:.1f}x)",
+                }
+            )
+    sk = load("soak")
+    if sk:
+        idle = sk["idle_stats"]
+        rows.append(
+            {
+                "what": f"soak: {sk['args']['requests']:,} mixed requests, {len(sk['kills'])} worker kills",
+                "radixrt": f"{sk['outcomes'].get('lost', 0)} lost, {sk['server_errors_outside_kills']} 5xx outside "
+                f"the kills, {idle['used_pages'] + idle['protected_pages']} pages leaked or locked",
+                "baseline (same run)": "must all be 0",
+            }
+        )
     return rows
 
 
@@ -535,7 +1012,44 @@ def update_readme(rows: list[dict]) -> None:
         readme.write_text(f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}")
 
 
-SECTIONS = [headline, throughput, prefix_reuse, serving, programs, constrained, kernels, policy_cost, page_size]
+LLAMA_CPP_DIR = "/tmp/llama/llama_cpp_python-0.3.36/vendor/llama.cpp"
+LLAMA_CPP = [
+    "llama.cpp is the peer where one is measured: `llama-bench` in `bench/latency.py`, `llama-server` in",
+    "`bench/serve.py`. Both build from the llama.cpp sources vendored in the llama-cpp-python sdist (about",
+    "10 minutes on 2 cores):",
+    "",
+    "```bash",
+    "pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all: -d /tmp/llama && "
+    "tar xzf /tmp/llama/llama_cpp_python-0.3.36.tar.gz -C /tmp/llama",
+    f"cd {LLAMA_CPP_DIR} && cmake -B build -G Ninja -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON "
+    "-DCMAKE_BUILD_TYPE=Release && cmake --build build --target llama-bench llama-server -j 2",
+    "```",
+    "",
+    "then",
+    f"`python bench/latency.py --llama-bench {LLAMA_CPP_DIR}/build/bin/llama-bench`",
+    "(with `build/bin` on PATH, `bench/latency.py` finds `llama-bench` by itself); for `llama-server`, see the",
+    "serving section.",
+    "",
+]
+
+SECTIONS = [
+    headline,
+    throughput,
+    latency,
+    prefix_reuse,
+    kv_tiers,
+    serving,
+    scaleout,
+    speculative,
+    programs,
+    constrained,
+    kernels,
+    quant_kernels,
+    quant_quality,
+    policy_cost,
+    page_size,
+    soak,
+]
 
 
 def render() -> Path:
@@ -546,6 +1060,7 @@ def render() -> Path:
         "is compared with a baseline measured in the same run on the same machine; figures state the machine,",
         "model and dtype. Our machines are shared 2-core CPUs: absolute numbers move with load, ratios less so.",
         "",
+        *LLAMA_CPP,
     ]
     for section in SECTIONS:
         lines += section()

@@ -1,6 +1,6 @@
 """Run every benchmark, then render docs/benchmarks.md with tables and plots.
 
-    python bench/run_all.py                 # everything (about an hour on 2 CPU cores)
+    python bench/run_all.py                 # everything (a few hours on 2 CPU cores)
     python bench/run_all.py --quick         # smoke-sized runs
     python bench/run_all.py --render-only   # re-render from bench/results/*.json
     radixrt bench                           # the same as the first line
@@ -26,14 +26,22 @@ sys.path.insert(0, str(BENCH))
 SUITE = [
     ("throughput.py", [], ["--quick"]),
     ("throughput.py", ["--dtype", "bfloat16"], ["--quick", "--dtype", "bfloat16"]),
+    ("latency.py", [], ["--quick", "--configs", "default,bf16"]),  # + llama-bench when it is on PATH
     ("prefix_reuse.py", [], ["--quick"]),
-    ("policy_cost.py", [], []),
+    ("kv_tiers.py", [], ["--quick"]),
+    ("policy_cost.py", [], ["--quick"]),
     ("page_size.py", [], ["--page-sizes", "4,16", "--rounds", "1"]),
     ("kernels.py", [], ["--quick"]),
+    ("quant_kernels.py", [], ["--quick"]),
+    ("quant_quality.py", [], []),  # no smaller run (~3-5 min)
     ("serve.py", [], ["--quick"]),
+    ("scaleout.py", ["tp"], ["tp", "--batches", "1", "--steps", "5", "--rounds", "1"]),
+    ("scaleout.py", ["dp"], ["dp", "--quick"]),
+    ("speculative.py", [], ["--quick"]),
     ("constrained.py", [], ["--quick"]),
     ("grammar_coverage.py", [], ["--sample", "50"]),  # all 2,151 schemas
     ("programs.py", [], ["--quick"]),
+    ("soak.py", [], ["--requests", "300"]),  # 10,000 requests, ~10-20 min
 ]
 
 
