@@ -118,22 +118,22 @@ class Engine:
         config = EngineConfig.from_kwargs(model=model, **config)
         template = load_chat_template(config.chat_template) if config.chat_template else None
         self.config = resolve_kv_budget(config, resolve_model_path(config.model))
-        if worker_process:
-            self.worker = WorkerProcessClient(self.config)
-        else:
-            self.worker = Worker(self.config)
-        self.tokenizer = load_tokenizer(self.worker.model_dir)
-        if template is not None:
-            self.tokenizer.chat_template = template
-        self.max_context = self.worker.max_context
         self._inbox: queue.Queue[tuple[ipc.ToWorker, Future | None]] = queue.Queue()
         self._streams: dict[str, queue.Queue[ipc.ReqOutput]] = {}
         self._submitted: dict[str, float] = {}
         self._ids = itertools.count()
         self._dead: BaseException | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="radixrt-worker", daemon=True)
+        self.worker: Worker | WorkerProcessClient
+        built: Future[None] = Future()
+        make = WorkerProcessClient if worker_process else Worker
+        self._thread = threading.Thread(target=self._run, args=(make, built), name="radixrt-worker", daemon=True)
         self._thread.start()
+        built.result()  # the worker is built (a failed load raises here)
+        self.tokenizer = load_tokenizer(self.worker.model_dir)
+        if template is not None:
+            self.tokenizer.chat_template = template
+        self.max_context = self.worker.max_context
 
     # ----- public API --------------------------------------------------------------------
 
@@ -327,6 +327,19 @@ class Engine:
             raise EngineDeadError(f"the engine's worker loop crashed: {self._dead!r}")
         if self._closed:
             raise EngineDeadError("the engine has been shut down")
+
+    def _run(self, make: type[Worker] | type[WorkerProcessClient], built: Future) -> None:
+        """Build the worker on this thread, then step it here. The thread that loads the model is
+        the thread that runs it: torch's OpenMP pool belongs to the thread that first used it, and a
+        second pool on 2 cores makes libgomp stop spinning between parallel regions (a batch-1
+        decode step took 2.5x as long)."""
+        try:
+            self.worker = make(self.config)
+        except BaseException as exc:
+            built.set_exception(exc)
+            return
+        built.set_result(None)
+        self._loop()
 
     def _loop(self) -> None:
         try:

@@ -151,3 +151,33 @@ def test_bad_input_is_rejected_and_engine_keeps_working(tiny_llama):
         with pytest.raises(ValueError, match="temperature"):
             engine.generate(input_ids=[5], sampling_params={"temperature": -0.5})
         assert len(engine.generate(input_ids=[5, 6], sampling_params=GREEDY).token_ids) == 24
+
+
+def test_the_model_runs_on_the_thread_that_loaded_it(tiny_llama, monkeypatch):
+    """torch's OpenMP pool belongs to the thread that first uses it: loading on the caller's thread and
+    stepping on the loop thread made two pools, and a batch-1 step 2.5x slower (engine.py: _run)."""
+    import threading
+
+    from radixrt.worker import worker as worker_module
+
+    threads = {}
+    build, step = worker_module.Worker.__init__, worker_module.Worker.step
+
+    def record_build(self, *args, **kwargs):
+        threads["build"] = threading.current_thread()
+        build(self, *args, **kwargs)
+
+    def record_step(self):
+        threads["step"] = threading.current_thread()
+        return step(self)
+
+    monkeypatch.setattr(worker_module.Worker, "__init__", record_build)
+    monkeypatch.setattr(worker_module.Worker, "step", record_step)
+    with Engine(str(tiny_llama), page_size=4) as engine:
+        engine.generate(input_ids=[5, 6], sampling_params=GREEDY)
+    assert threads["build"] is threads["step"] is not threading.main_thread()
+
+
+def test_a_model_that_fails_to_load_raises_from_the_constructor(tmp_path):
+    with pytest.raises(Exception, match="config|model|found|exist"):
+        Engine(str(tmp_path / "no-such-model"))
