@@ -15,7 +15,9 @@ or an agent loop sees):
     read bandwidth, measured in the same run.
 llama.cpp's `llama-bench` (pp512 and tg128, 2 threads) runs on the same GGUF in the same run when it
 is on PATH or given with --llama-bench (docs/benchmarks.md says how to build it). Configurations
-alternate, best of --repeats each: this machine's neighbours come and go.
+alternate, best of --repeats each: this machine's neighbours come and go. One engine runs at a time,
+built afresh each round, as a user runs one (two engines in one process each keep an OpenMP pool,
+and on 2 cores that slows both).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import json
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from common import save, table
+from tqdm import tqdm
 
 from radixrt import Engine
 from radixrt.model.loader import default_gguf_path
@@ -130,23 +134,30 @@ def main() -> None:
     args = parser.parse_args()
     names = args.configs.split(",")
     repeats = 1 if args.quick else args.repeats
-    bandwidth = read_bandwidth_gbs()
-    engines = {name: Engine(**CONFIGS[name]) for name in names}
+    with ThreadPoolExecutor(1) as thread:  # torch's thread pool goes with the thread (see below)
+        bandwidth = thread.submit(read_bandwidth_gbs).result()
+    # One engine at a time, as a user runs one: each engine's thread has its own OpenMP pool, and two
+    # pools on 2 cores make libgomp stop spinning between parallel regions (a slower step for both).
     runs: dict[str, list[dict]] = {name: [] for name in names}
-    for _ in range(repeats):
-        for name, engine in engines.items():
-            runs[name].append(measure(engine, args.quick))
+    facts: dict[str, dict] = {}
+    for _ in tqdm(range(repeats), desc="rounds"):
+        for name in names:
+            with Engine(**CONFIGS[name]) as engine:
+                runs[name].append(measure(engine, args.quick))
+                runner = engine.worker.runner
+                facts[name] = {
+                    "dtype": str(runner.dtype).removeprefix("torch."),
+                    "weight_mb": weight_bytes(engine) / 2**20,
+                    "fused_decoder": runner.fused is not None,
+                    "quantization": runner.quantization or "none",
+                }
     results, rows = {}, []
-    for name, engine in engines.items():
+    for name in names:
         best = {k: (min if k.startswith("ttft") else max)(r[k] for r in runs[name]) for k in runs[name][0]}
-        best["dtype"] = str(engine.worker.runner.dtype).removeprefix("torch.")
-        best["weight_mb"] = weight_bytes(engine) / 2**20
+        best.update(facts[name])
         best["decode_b1_gbs"] = best["weight_mb"] * 2**20 * best["decode_b1"] / 1e9
-        best["fused_decoder"] = engine.worker.runner.fused is not None
-        best["quantization"] = engine.worker.runner.quantization or "none"
         results[name] = best
         rows.append({"config": name, **{k: v for k, v in best.items() if k != "fused_decoder"}})
-        engine.shutdown()
     peer = None
     if args.llama_bench:
         peer = llama_bench(args.llama_bench, str(default_gguf_path()), repeats)

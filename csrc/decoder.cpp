@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "decoder.h"
+#include "simd.h"
 
 namespace radixrt {
 
@@ -100,20 +101,46 @@ void rotary(const T* src, int64_t src_token_stride, T* dst, int64_t tokens, int6
   });
 }
 
-// out[t, i] = round(round(act(gate[t, i])) * up[t, i]), gate_up = [gate | up] per row.
+inline float gated_act_one(float g, bool gelu_tanh) {
+  if (gelu_tanh) return 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+  return g / (1.f + std::exp(-g));
+}
+
+#if RADIXRT_HAVE_AVX512
+// The same with exp16 (relative error ~2e-7): silu(g) = g / (1 + e^-g); gelu_tanh(g) = g - g / (e^2y + 1),
+// y = sqrt(2/pi) (g + 0.044715 g^3), which is 0.5 g (1 + tanh y). exp16 clamps at 88, so both ends saturate.
+inline __m512 gated_act16(__m512 g, bool gelu_tanh) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  if (gelu_tanh) {
+    __m512 y = _mm512_mul_ps(_mm512_set1_ps(2 * 0.7978845608028654f),
+                             _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), g), _mm512_mul_ps(g, g), g));
+    return _mm512_sub_ps(g, _mm512_div_ps(g, _mm512_add_ps(exp16(y), one)));
+  }
+  return _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+#endif
+
+// out[t, i] = round(round(act(gate[t, i])) * up[t, i]), gate_up = [gate | up] per row. Tasks are
+// chunks of a row, so the inner loop runs over contiguous columns (16 at a time with AVX-512): the
+// element-wise form with a division per element and scalar exp cost 4 ms of a 27 ms batch-32 step.
 template <typename T>
-void gated_act(const T* gate_up, T* out, int64_t tokens, int64_t inter, bool gelu_tanh) {
-  at::parallel_for(0, tokens * inter, 2048, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / inter, j = i % inter;
-      const float g = static_cast<float>(gate_up[t * 2 * inter + j]);
-      float a;
-      if (gelu_tanh) {
-        a = 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-      } else {
-        a = g / (1.f + std::exp(-g));
-      }
-      out[i] = round_to<T>(static_cast<float>(round_to<T>(a)) * static_cast<float>(gate_up[t * 2 * inter + inter + j]));
+void gated_act(const T* gate_up, T* out, int64_t tokens, int64_t inter, bool gelu_tanh, bool simd) {
+  constexpr int64_t kChunk = 512;
+  const int64_t chunks = (inter + kChunk - 1) / kChunk;
+  at::parallel_for(0, tokens * chunks, 4, [&](int64_t c0, int64_t c1) {
+    float act[kChunk];
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t t = c / chunks, j0 = (c % chunks) * kChunk, n = std::min(kChunk, inter - j0);
+      const T* gate = gate_up + t * 2 * inter + j0;
+      const T* up = gate + inter;
+      int64_t j = 0;
+#if RADIXRT_HAVE_AVX512
+      if (simd)
+        for (; j + 16 <= n; j += 16) _mm512_storeu_ps(act + j, gated_act16(load16(gate + j), gelu_tanh));
+#endif
+      for (; j < n; ++j) act[j] = gated_act_one(static_cast<float>(gate[j]), gelu_tanh);
+      T* o = out + t * inter + j0;
+      for (j = 0; j < n; ++j) o[j] = round_to<T>(static_cast<float>(round_to<T>(act[j])) * static_cast<float>(up[j]));
     }
   });
 }
@@ -157,7 +184,7 @@ at::Tensor layer_forward(const Decoder& d, const DecoderLayer& l, at::Tensor x, 
   at::Tensor gate_up = l.gate_up(h);
   const int64_t inter = gate_up.size(1) / 2;
   at::Tensor act = at::empty({T_, inter}, x.options());
-  gated_act<T>(gate_up.data_ptr<T>(), act.data_ptr<T>(), T_, inter, d.gelu_tanh);
+  gated_act<T>(gate_up.data_ptr<T>(), act.data_ptr<T>(), T_, inter, d.gelu_tanh, d.simd);
   at::Tensor down = l.down(act);
   add_into<T>(xd, down.data_ptr<T>(), T_ * H);
   return x;

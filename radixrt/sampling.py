@@ -204,6 +204,13 @@ def _processed(
     return raw, x
 
 
+def select_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows]; a view when rows are consecutive (the usual case: no copy of a [B, V] logits tensor)."""
+    if rows and rows[-1] - rows[0] == len(rows) - 1 and rows == list(range(rows[0], rows[-1] + 1)):
+        return x[rows[0] : rows[-1] + 1]
+    return x[rows]
+
+
 def sample(
     logits: torch.Tensor,
     batch: SamplingBatch,

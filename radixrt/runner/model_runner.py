@@ -30,7 +30,7 @@ from radixrt.model.parallel import TensorParallel
 from radixrt.model.quant import quantize_linears
 from radixrt.runner.dtype import resolve_dtype
 from radixrt.runner.step_batch import PromptRows, StepBatch
-from radixrt.sampling import prompt_logprobs
+from radixrt.sampling import prompt_logprobs, select_rows
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class ModelRunner:
         logits = self.forward(step.forward)
         for rows in step.prompt_rows:
             _record_prompt_logprobs(rows, logits)
-        return logits[[r for s in step.sample_rows for r in range(s.row, s.row + s.count)]]
+        return select_rows(logits, [r for s in step.sample_rows for r in range(s.row, s.row + s.count)])
 
     def close(self) -> None:
         """Release what outlives the runner's memory: nothing here (a tensor-parallel group: its ranks)."""

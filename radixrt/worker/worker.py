@@ -26,7 +26,7 @@ from radixrt.constrained.limits import GrammarLimits
 from radixrt.model.loader import default_cache_dir, load_tokenizer, resolve_model_path
 from radixrt.request import Req, prompt_error
 from radixrt.runner.tensor_parallel import make_runner
-from radixrt.sampling import SamplingBatch, probs, sample
+from radixrt.sampling import SamplingBatch, probs, sample, select_rows
 from radixrt.scheduler.scheduler import Scheduler
 from radixrt.worker.grammar import RequestGrammars
 from radixrt.worker.speculative import SpecCounts, make_speculator
@@ -177,7 +177,7 @@ class Worker:
             reqs = [step.sample_rows[i].req for i in rows]
             draft_of = dict(zip(scheduled.reqs, drafts)) if drafts else {}
             index = [r for i in rows for r in range(first[i], first[i + 1])]
-            outputs.extend(self._sample(reqs, logits[index], [draft_of.get(r, []) for r in reqs]))
+            outputs.extend(self._sample(reqs, select_rows(logits, index), [draft_of.get(r, []) for r in reqs]))
         for req, n in zip(scheduled.reqs, scheduled.num_new):
             if n > 1 and not req.finished:  # a prefill chunk: let waiting requests hit it from the next step
                 self.scheduler.cache_progress(req)
