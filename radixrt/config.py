@@ -24,7 +24,6 @@ ALIASES = {
     "random_seed": "seed",
 }
 
-
 # SGLang's names -> ours; EAGLE and its relatives (NEXTN, MTP) need trained draft heads we do not have.
 SPECULATIVE_ALGORITHMS = {"NGRAM": "NGRAM", "STANDALONE": "DRAFT", "DRAFT": "DRAFT"}
 

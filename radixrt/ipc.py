@@ -64,8 +64,8 @@ class ReqOutput(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    # Speculative decoding so far (worker/speculative.py); SGLang's accept length is 1 + accepted / verify_ct.
-    spec_verify_ct: int = 0  # verify steps: decode steps that checked at least one draft token
+    # Speculative decoding so far (worker/speculative.py); SGLang's accept length is completion_tokens / verify_ct.
+    spec_verify_ct: int = 0  # decode steps while speculation is on (each a verify step, with drafts or not)
     spec_draft_tokens: int = 0  # draft tokens verified
     spec_accepted_tokens: int = 0  # draft tokens the target agreed with
     logprobs: list[float] | None = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 
 import pytest
@@ -25,6 +26,7 @@ import torch
 from conftest import make_tiny_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from server_process import TINY_ARGS, running_server
 
 from radixrt import Engine
 from radixrt.cache.page_pool import PageAllocator
@@ -282,6 +284,19 @@ def test_eagle_is_refused_in_one_line():
     assert EngineConfig(speculative_algorithm="standalone", speculative_draft_model_path="x").speculative_algorithm == (
         "DRAFT"
     )
+
+
+def test_server_reports_speculation_in_meta_info_and_metrics(tiny_llama):
+    body = {"input_ids": [5, 6, 7, 8] * 20, "sampling_params": {"max_new_tokens": 24, "temperature": 0}}
+    with running_server(*TINY_ARGS, "--speculative-algorithm", "NGRAM", model=tiny_llama) as server:
+        meta = server.post("/generate", body).json()["meta_info"]
+        metrics = server.get("/metrics").text
+    assert meta["spec_verify_ct"] > 0
+    assert meta["spec_accept_length"] == pytest.approx(1 + meta["spec_accept_token_num"] / meta["spec_verify_ct"])
+    assert 0 <= meta["spec_accept_token_num"] <= meta["spec_draft_token_num"]
+    steps = re.search(r"^radixrt_spec_verify_steps_total\{[^}]*\} (\S+)$", metrics, re.M)
+    assert steps and float(steps.group(1)) == meta["spec_verify_ct"], metrics
+    assert re.search(r"^sglang:spec_accept_length\{[^}]*\} ", metrics, re.M), metrics
 
 
 # ----- the default model -----------------------------------------------------------------------------

@@ -64,6 +64,8 @@ class ServerMetrics:
         self.max_tokens = gauge("sglang:max_total_num_tokens", "Maximum total number of tokens in the KV cache pool.")
         self.hit_rate = gauge("sglang:cache_hit_rate", "The prefix cache hit rate.")
         self.retracted = counter("sglang:num_retracted_requests", "Total number of retracted requests.")
+        self.spec_accept_length = gauge("sglang:spec_accept_length",
+                                        "The average acceptance length of speculative decoding.")  # fmt: skip
         # radixrt's own: what SGLang's series do not say
         self.requests = counter("radixrt_requests", "Generation requests by how they ended", ("finish_reason",))
         self.evicted = counter("radixrt_evicted_tokens", "Cached tokens dropped from the KV pool to make room")
@@ -72,9 +74,13 @@ class ServerMetrics:
         self.pins = gauge("radixrt_num_pinned_prefixes", "Pinned prefixes")
         self.disk = gauge("radixrt_kv_disk_pages", "Disk tier pages by state", ("state",))
         self.disk_hits = gauge("radixrt_kv_disk_hit_tokens", "Tokens loaded back from disk since the worker started")
+        self.spec_verify = counter("radixrt_spec_verify_steps", "Decode steps of requests while speculation is on")
+        self.spec_drafted = counter("radixrt_spec_draft_tokens", "Draft tokens verified")
+        self.spec_accepted = counter("radixrt_spec_accepted_tokens", "Draft tokens the model agreed with (kept)")
         self.worker_up = gauge("radixrt_worker_up", "1 while the worker process is ready")
         self.worker_restarts = counter("radixrt_worker_restarts", "Times the worker process was restarted")
-        self._worker_totals = {"retracted": 0, "evicted": 0}  # the worker's cumulative values at the last scrape
+        # the worker's cumulative values at the last scrape
+        self._worker_totals = dict.fromkeys(("retracted", "evicted", "verify", "drafted", "accepted"), 0)
 
     def _m(self, metric, *extra: str):
         return metric.labels(*self.labels.values(), *extra)
@@ -125,9 +131,14 @@ class ServerMetrics:
         self._m(self.max_tokens).set(total_tokens)
         self._m(self.hit_rate).set(s.cache_hit_rate)
         for name, counter, value in (("retracted", self.retracted, s.num_preemptions),
-                                     ("evicted", self.evicted, s.evicted_tokens)):  # fmt: skip
+                                     ("evicted", self.evicted, s.evicted_tokens),
+                                     ("verify", self.spec_verify, s.spec_verify_ct),
+                                     ("drafted", self.spec_drafted, s.spec_draft_tokens),
+                                     ("accepted", self.spec_accepted, s.spec_accepted_tokens)):  # fmt: skip
             self._m(counter).inc(max(0, value - self._worker_totals[name]))
             self._worker_totals[name] = value
+        if s.spec_verify_ct:  # tokens per verify step, over the worker's life: 1 + kept drafts per step
+            self._m(self.spec_accept_length).set(1 + s.spec_accepted_tokens / s.spec_verify_ct)
         for state in ("free", "used", "cached", "evictable", "protected", "total"):
             self._m(self.pages, state).set(getattr(s, f"{state}_pages"))
         self._m(self.pinned).set(s.pinned_pages * s.page_size)

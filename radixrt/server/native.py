@@ -16,7 +16,7 @@ import msgspec
 from fastapi import APIRouter, Request
 
 from radixrt.frontend.errors import RequestError
-from radixrt.frontend.output import Collected, Delta
+from radixrt.frontend.output import Collected, Delta, Usage
 from radixrt.sampling_params import SamplingParams
 from radixrt.server.common import (
     JSON,
@@ -178,6 +178,18 @@ def _finish_reason(d: Delta | None) -> dict | None:
     return {"type": d.finish_reason}
 
 
+def _speculation(u: Usage) -> dict[str, Any]:
+    """SGLang's speculative-decoding fields: verify steps, drafts verified and kept, and the accept length
+    (tokens per verify step: 1 + kept drafts per step)."""
+    return {
+        "spec_verify_ct": u.spec_verify_ct,
+        "spec_draft_token_num": u.spec_draft_tokens,
+        "spec_accept_token_num": u.spec_accepted_tokens,
+        "spec_accept_rate": u.spec_accepted_tokens / u.spec_draft_tokens if u.spec_draft_tokens else 0.0,
+        "spec_accept_length": 1 + u.spec_accepted_tokens / u.spec_verify_ct,
+    }
+
+
 def _triples(tok, lps, ids, with_text: bool) -> list:
     return [[lp, t, tok.decode([t]) if with_text else None] for lp, t in zip(lps, ids)]
 
@@ -193,6 +205,8 @@ def _result(body: GenerateRequest, mgr, rid: str, ids: list[int], r: Collected) 
     }
     if d is not None and d.unenforced:  # sampling_params.json_schema_strict false: what was dropped
         meta["unenforced"] = d.unenforced
+    if d is not None and d.usage.spec_verify_ct:
+        meta.update(_speculation(d.usage))
     if body.return_logprob:
         tok, txt = mgr.tokenizer, body.return_text_in_logprobs
         meta["output_token_logprobs"] = _triples(tok, r.logprobs, r.token_ids, txt)

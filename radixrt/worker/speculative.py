@@ -41,9 +41,10 @@ TIME_DECAY = 0.9  # weight of the past in the target step's measured time
 
 @dataclass
 class SpecCounts:
-    """What a request (or the whole worker) verified; SGLang's accept length is 1 + accepted / verify_ct."""
+    """What a request (or the whole worker) verified. SGLang's accept length, completion_tokens / verify_ct,
+    is the tokens a decode step yields (1 + accepted_tokens / verify_ct, less the prefill's first token)."""
 
-    verify_ct: int = 0  # verify steps: decode steps that checked at least one draft token
+    verify_ct: int = 0  # decode steps while speculation is on (SGLang's verify steps, with drafts or not this time)
     draft_tokens: int = 0  # draft tokens verified
     accepted_tokens: int = 0  # draft tokens the target agreed with
 
@@ -97,6 +98,9 @@ class Speculator:
         self._dists.clear()
         self._step_factor = 1.0
         decode = [i for i, (r, n) in enumerate(zip(reqs, num_new)) if n == 1 and r.output_ids and not r.is_prefilling]
+        for i in decode:
+            self._state(reqs[i]).counts.verify_ct += 1
+        self.totals.verify_ct += len(decode)
         if not decode or len(decode) > self.max_batch:
             return drafts
         beta = step_cost(len(decode), sum(num_new))
@@ -216,7 +220,6 @@ class Speculator:
         if drafted:
             self._planned[req].update(drafted, kept)
             for counts in (self.states[req].counts, self.totals):
-                counts.verify_ct += 1
                 counts.draft_tokens += drafted
                 counts.accepted_tokens += kept
 
