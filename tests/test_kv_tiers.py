@@ -153,6 +153,8 @@ def test_server_restart_pins_and_metrics(tiny_llama, tmp_path):
         metrics = server.get("/metrics").text
         assert re.search(r"^radixrt_pinned_tokens\{[^}]*\} 64\.0$", metrics, re.M), metrics
         assert re.search(r'^radixrt_kv_disk_pages\{[^}]*state="ready"\}', metrics, re.M), metrics
+        bad = server.post("/pin_prefix", {"input_ids": PROMPT[:64], "cache_salt": ""})
+        assert 400 <= bad.status_code < 500 and "cache_salt" in bad.text, bad.text
         over = server.post("/pin_prefix", {"input_ids": FILLERS[0]})  # 64 + 200 tokens > 128
         assert over.status_code == 409 and "cap" in over.json()["error"]["message"]
         assert server.post("/unpin_prefix", {"input_ids": PROMPT[:64], "cache_salt": "s"}).json()["unpinned"]

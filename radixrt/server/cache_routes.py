@@ -17,15 +17,17 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from radixrt import ipc
 from radixrt.frontend.chat_template import render_chat
 from radixrt.frontend.errors import RequestError
-from radixrt.sampling_params import SamplingParams
+from radixrt.sampling_params import MAX_SALT_CHARS, SamplingParams
 from radixrt.server.common import JSON, require_worker, state
+from radixrt.server.guard import JSONRoute
+from radixrt.server.protocol import MAX_MESSAGES
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)  # a bounded body, errors as JSON
 
 
 class PrefixRequest(BaseModel):
@@ -34,8 +36,8 @@ class PrefixRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str | None = None
     input_ids: list[int] | None = None
-    messages: list[dict[str, Any]] | None = None
-    cache_salt: str | None = None
+    messages: list[dict[str, Any]] | None = Field(None, max_length=MAX_MESSAGES)
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_SALT_CHARS)
 
 
 def _prefix_ids(body: PrefixRequest, mgr) -> list[int]:
@@ -51,6 +53,12 @@ def _prefix_ids(body: PrefixRequest, mgr) -> list[int]:
     except Exception as exc:  # the model's template rejected the messages
         raise RequestError(f"the chat template rejected these messages: {exc}", 400, "messages") from None
     return mgr.encode(text, "messages")
+
+
+async def _prefix_ids_off_loop(body: PrefixRequest, request: Request) -> list[int]:
+    """The prefix's token ids, templated and tokenized off the event loop (server/preparation.py)."""
+    st = state(request)
+    return await st.preparer.run(request, len(await request.body()), lambda: _prefix_ids(body, st.manager))
 
 
 def _reply(result: ipc.PinResult, ids: list[int], key: str) -> JSON:
@@ -70,7 +78,7 @@ def _reply(result: ipc.PinResult, ids: list[int], key: str) -> JSON:
 async def pin_prefix(body: PrefixRequest, request: Request):
     """Compute the prefix if needed, then keep its whole pages in memory."""
     st = state(request)
-    ids = _prefix_ids(body, st.manager)
+    ids = await _prefix_ids_off_loop(body, request)
     require_worker(st)
     async for _ in st.manager.generate(ids, SamplingParams(max_new_tokens=0, cache_salt=body.cache_salt)):
         pass
@@ -84,7 +92,7 @@ async def pin_prefix(body: PrefixRequest, request: Request):
 async def unpin_prefix(body: PrefixRequest, request: Request):
     """Drop the pin taken with the same prefix and cache_salt; its pages become evictable again."""
     st = state(request)
-    ids = _prefix_ids(body, st.manager)
+    ids = await _prefix_ids_off_loop(body, request)
     require_worker(st)
     result = await st.manager.link.call(ipc.UnpinPrefixReq(ids, body.cache_salt))
     if not result.ok:
