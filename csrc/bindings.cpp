@@ -15,6 +15,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
                         const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias, int64_t n,
                         int64_t bits, int64_t group_size, int64_t dequantize_min_rows, bool simd);
 bool quant_has_simd();
+at::Tensor argmax_rows(const at::Tensor& logits, bool simd);
 }  // namespace radixrt
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -30,6 +31,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bits"), py::arg("group_size"), py::arg("dequantize_min_rows"), py::arg("simd") = true,
         py::call_guard<py::gil_scoped_release>());
   m.attr("quant_has_simd") = radixrt::quant_has_simd();
+  m.def("argmax_rows", &radixrt::argmax_rows, "[B] first index of each row's largest value (csrc/argmax.cpp)",
+        py::arg("logits"), py::arg("simd") = true, py::call_guard<py::gil_scoped_release>());
   py::class_<radixrt::Linear>(m, "Linear", "a dense or packed linear layer of the fused decoder (csrc/decoder.h)")
       .def(py::init<>())
       .def_readwrite("weight", &radixrt::Linear::weight)

@@ -336,6 +336,40 @@ void dequantize_blocks(const QuantProblem& p, int64_t nb0, int64_t nb1, c10::BFl
   }
 }
 
+// sums[g] = x[g*G] + x[g*G + 1] + ... + x[g*G + G-1], added in exactly that order whatever the path:
+// a different order moves the logits by an ulp, and greedy decoding must not depend on the CPU.
+// The vector path gives each of 16 lanes one group and gathers two bf16 per lane per step.
+inline void group_sums(const uint16_t* x, int64_t G, int64_t groups, float* sums, bool simd) {
+#if RADIXRT_HAVE_AVX512
+  if (simd && G % 2 == 0) {
+    const __m512i lane_offsets = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(int(G)));
+    const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
+    for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+      const int lanes = int(std::min<int64_t>(16, groups - g0));
+      const __mmask16 mask = lanes == 16 ? __mmask16(0xFFFF) : __mmask16((1u << lanes) - 1);
+      const uint16_t* base = x + g0 * G;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t k = 0; k < G; k += 2) {
+        // dword of lane j: bf16 k of group g0 + j in the low half, bf16 k + 1 in the high half
+        const __m512i pair = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask,
+                                                         _mm512_add_epi32(lane_offsets, _mm512_set1_epi32(int(k))),
+                                                         base, 2);
+        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)));
+        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_and_si512(pair, high)));
+      }
+      _mm512_mask_storeu_ps(sums + g0, mask, acc);
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < groups; ++g) {
+    float s = 0.f;
+    for (int64_t k = g * G; k < (g + 1) * G; ++k) s += bf16_bits_to_f32(x[k]);
+    sums[g] = s;
+  }
+}
+
 // out [M, n] = x [M, K] @ W^T straight from the packed integers.
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const std::optional<at::Tensor>& offsets, int64_t n, int64_t bits, int64_t group_size,
@@ -350,12 +384,9 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& qweight, const at
   at::Tensor xb = x.to(at::kBFloat16).contiguous();
   std::vector<float> xsum(M * groups);
   const uint16_t* xbits = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int64_t k = g * G; k < (g + 1) * G; ++k) s += bf16_bits_to_f32(xbits[m * K + k]);
-      xsum[m * groups + g] = s;
-    }
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) group_sums(xbits + m * K, G, groups, xsum.data() + m * groups, simd);
+  });
   at::Tensor out = at::empty({M, n}, x.options());
   p.M = M;
   p.x = xbits;

@@ -30,7 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("bindings.cpp", "paged_attention.cpp", "kv_store.cpp", "quant_linear.cpp", "decoder.cpp")
+SOURCES = ("bindings.cpp", "paged_attention.cpp", "kv_store.cpp", "quant_linear.cpp", "decoder.cpp", "argmax.cpp")
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _error: str | None = None

@@ -37,6 +37,7 @@ from itertools import chain
 
 import torch
 
+from radixrt import _native
 from radixrt.constrained.bitmask import apply_bitmask
 from radixrt.sampling_params import SamplingParams
 
@@ -204,6 +205,14 @@ def _processed(
     return raw, x
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) of [B, V] rows; the native kernel where it applies (5x faster at [32, 49152])."""
+    ops = _native.load() if x.device.type == "cpu" else None
+    if ops is not None and x.dtype == torch.float32 and x.dim() == 2 and x.stride(-1) == 1 and x.shape[-1] > 0:
+        return ops.argmax_rows(x)
+    return x.argmax(dim=-1)
+
+
 def select_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """x[rows]; a view when rows are consecutive (the usual case: no copy of a [B, V] logits tensor)."""
     if rows and rows[-1] - rows[0] == len(rows) - 1 and rows == list(range(rows[0], rows[-1] + 1)):
@@ -226,7 +235,7 @@ def sample(
     penalty), as vLLM reports by default.
     """
     raw, x = _processed(logits, batch, allowed, bitmask, bitmask_rows)
-    token_ids = x.argmax(dim=-1) if batch.all_greedy else _sample_rows(x, batch, owned=x is not raw)
+    token_ids = argmax(x) if batch.all_greedy else _sample_rows(x, batch, owned=x is not raw)
 
     if not batch.any_logprobs:
         return SampleOutput(token_ids, None, None, None)
@@ -247,7 +256,7 @@ def probs(
     """[B, V] the distribution `sample` draws each row from (a one-hot at the argmax on greedy rows):
     speculative decoding's rejection rule compares the target's with a draft model's (sampling_spec.py)."""
     raw, x = _processed(logits, batch, None, bitmask, bitmask_rows)
-    greedy_ids = x.argmax(dim=-1)
+    greedy_ids = argmax(x)
     out = _filter_full(x, batch, owned=x is not raw).softmax(dim=-1)
     if batch.any_greedy:
         out[batch.greedy] = torch.nn.functional.one_hot(greedy_ids[batch.greedy], out.shape[1]).to(out.dtype)
@@ -312,7 +321,7 @@ def _apply_penalties(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 def _sample_rows(x: torch.Tensor, batch: SamplingBatch, owned: bool) -> torch.Tensor:
     """Steps 5-10 for a batch with at least one sampled row; greedy rows get the argmax of `x`."""
-    greedy_ids = x.argmax(dim=-1) if batch.any_greedy else None
+    greedy_ids = argmax(x) if batch.any_greedy else None
     if batch.max_top_k < batch.vocab_size:
         values, idx = x.topk(batch.max_top_k, dim=-1)  # sorted: position j is the row's (j+1)-th best
         values /= batch.temperatures
@@ -394,4 +403,4 @@ def _race(probs: torch.Tensor, batch: SamplingBatch, idx: torch.Tensor | None) -
         own = seeded_noise(gen, batch.vocab_size).to(probs.device)
         noise[row] = own if idx is None else own[idx[row]]
     noise.log_().neg_()  # -log U > 0 since U < 1; U == 0 gives inf, i.e. that token loses
-    return probs.div_(noise).argmax(dim=-1)
+    return argmax(probs.div_(noise))

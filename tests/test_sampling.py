@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
+from radixrt import _native
 from radixrt.sampling import _TOP_P_DEPTHS, SamplingBatch, _apply_penalties, _top_p_floor, prompt_logprobs, sample
+from radixrt.sampling import argmax as sampling_argmax
 from radixrt.sampling_params import SamplingParams
 
 V = 64
@@ -298,3 +301,32 @@ def test_any_parameter_mix_respects_mask_and_greedy(rows, seed):
     for i, p in enumerate(params):
         if p.temperature == 0.0:
             assert tokens[i] == expected[i]
+
+
+_ops = _native.load()
+
+
+@pytest.mark.skipif(_ops is None, reason=f"native kernels unavailable: {_native.load_error()}")
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    vocab=st.integers(1, 70),
+    levels=st.integers(1, 4),
+    specials=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 69), st.sampled_from(["inf", "-inf", "nan"]))),
+    seed=st.integers(0, 2**16),
+)
+def test_native_argmax_is_torchs_first_maximum(rows, vocab, levels, specials, seed):
+    """The native argmax answers what torch does: the first index of the largest value (few
+    distinct levels make ties common), the first NaN in a row that has one, 0 in an all -inf row;
+    both its AVX-512 and its portable loop, on contiguous rows and on a strided view."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, levels, (rows, vocab + 3), generator=g).float()
+    for r, j, value in specials:
+        if r < rows and j < vocab:
+            x[r, j] = float(value)
+    if rows > 1:
+        x[-1, :vocab] = float("-inf")
+    view = x[:, :vocab]
+    for simd in (True, False):
+        assert torch.equal(_ops.argmax_rows(view, simd), view.argmax(dim=-1))
+    assert torch.equal(sampling_argmax(view), view.argmax(dim=-1))
