@@ -189,46 +189,37 @@ void block_tile(const QuantProblem& p, int64_t nb, int64_t m0) {
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const int64_t chunks = p.G / 4;
   for (int64_t g = 0; g < p.groups; ++g) {
-    // Independent sums hide vdpbf16ps's latency: per row one for the low and one for the high
-    // weights of a chunk, and a single row (decode) alternates two such pairs over the chunks.
-    constexpr int kChains = R == 1 ? 2 : 1;
-    __m512 t[kChains][R], u[kChains][R];
+    // Per row one sum for the low and one for the high weights of a chunk, whatever R is: a row's
+    // result must not depend on how many rows share its tile, or a speculative verify step (many
+    // rows) and a plain decode step (one) round differently, and greedy outputs part. (Two more
+    // chains at R = 1 to hide vdpbf16ps's latency measured no faster: a decode is memory-bound.)
+    __m512 t[R], u[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-      for (int h = 0; h < kChains; ++h) t[h][r] = u[h][r] = _mm512_setzero_ps();
-    const int64_t c_end = (g + 1) * chunks;
-    for (int64_t c0 = g * chunks; c0 < c_end; c0 += kChains) {
-#pragma GCC unroll 2
-      for (int h = 0; h < kChains; ++h) {
-        const int64_t c = c0 + h;
-        if (kChains > 1 && c >= c_end) break;
-        __m512i lo, hi;
-        _mm_prefetch(reinterpret_cast<const char*>(qw + c * kChunkBytes) + kPrefetchAhead, _MM_HINT_T0);
-        load_chunk<BITS>(qw, c, lo, hi);
+    for (int r = 0; r < R; ++r) t[r] = u[r] = _mm512_setzero_ps();
+    for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
+      __m512i lo, hi;
+      _mm_prefetch(reinterpret_cast<const char*>(qw + c * kChunkBytes) + kPrefetchAhead, _MM_HINT_T0);
+      load_chunk<BITS>(qw, c, lo, hi);
 #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          t[h][r] = dot_pair(t[h][r], lo, x[r][2 * c]);
-          u[h][r] = dot_pair(u[h][r], hi, x[r][2 * c + 1]);
-        }
+      for (int r = 0; r < R; ++r) {
+        t[r] = dot_pair(t[r], lo, x[r][2 * c]);
+        u[r] = dot_pair(u[r], hi, x[r][2 * c + 1]);
       }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      t[0][r] = _mm512_add_ps(t[0][r], u[0][r]);
-      if constexpr (kChains > 1) t[0][r] = _mm512_add_ps(t[0][r], _mm512_add_ps(t[1][r], u[1][r]));
-    }
+    for (int r = 0; r < R; ++r) t[r] = _mm512_add_ps(t[r], u[r]);
     const __m512 s = load16(sc + g * kLanes);
     if constexpr (BITS == 4 || OFFSETS) {
       __m512 coef = OFFSETS ? load16(of + g * kLanes) : _mm512_setzero_ps();
       if constexpr (BITS == 4) coef = _mm512_fnmadd_ps(s, _mm512_set1_ps(128.f), coef);  // o - 128 s
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        acc[r] = _mm512_fmadd_ps(t[0][r], s, acc[r]);
+        acc[r] = _mm512_fmadd_ps(t[r], s, acc[r]);
         acc[r] = _mm512_fmadd_ps(coef, _mm512_set1_ps(xs[r][g]), acc[r]);
       }
     } else {
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(t[0][r], s, acc[r]);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(t[r], s, acc[r]);
     }
   }
   const int lanes = int(std::min<int64_t>(kLanes, p.N - nb * kLanes));

@@ -67,12 +67,13 @@ def test_float32_batched_equals_solo():
 
 
 def test_bfloat16_batched_stays_close_to_solo(engine):
-    """In bf16 (and with the GGUF's 4-bit weights, the default here) a matmul's rounding depends on
-    how many rows it has (kernels block rows differently), so a batched request can pick another
-    token where two are nearly tied. Measured (2026-12-03): with the default 4-bit weights 4 of these
-    8 answers are identical for 48 tokens and the others part at tokens 12, 14, 16 and 38; with bf16
-    weights 5 are identical, the others part at 10, 16 and 38. That is bf16 arithmetic, not a
-    scheduling bug (float32 above is exact); so here only the start must agree."""
+    """In bf16 a matmul's rounding can depend on how many rows it has, so a batched request can pick
+    another token where two are nearly tied. With the default 4-bit weights, decode steps are exact
+    (the native kernel computes each row alone, tests/test_quant.py), but prefilling these 8 prompts
+    together is a chunk of >= DEQUANTIZE_MIN_ROWS rows, which dequantizes to bf16 for torch's GEMM:
+    measured (2026-12-03) 5 of 8 answers identical for 48 tokens, the others parting at tokens 12, 14
+    and 16; with the native kernel for every chunk size all 8 are identical. That is bf16 arithmetic,
+    not a scheduling bug (float32 above is exact); so here only the start must agree."""
     if not cpu_has_native_bf16():
         pytest.skip("this CPU has no AVX512_BF16/AMX: --dtype auto runs float32")
     assert engine.worker.runner.dtype == torch.bfloat16  # what `--dtype auto` picks on this CPU

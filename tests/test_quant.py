@@ -11,6 +11,7 @@ Invariants checked:
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -151,6 +152,25 @@ def test_kernel_matches_reference(n, k, rows, path, fmt):
         out = layer(qt, path, dtype)(x.to(dtype))
         assert out.dtype == dtype and out.shape == (rows, n)
         check_close(out, x.to(dtype), qt.dequantize(), expect_path, group_abs_max(qt))
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["int4", "int8", "int8-g16-fp32"])
+@pytest.mark.parametrize("simd", [True, False])
+def test_a_row_does_not_depend_on_the_other_rows(fmt, simd):
+    """Below DEQUANTIZE_MIN_ROWS a row's output is the same to the bit whether it is computed alone or
+    among others (tiles of 8 rows and a remainder): a speculative verify step (1 + k rows) must give
+    the logits a plain decode step (1 row) gives, or bf16 greedy outputs part after a near-tie."""
+    n, k = MODEL_SHAPES[0]
+    lin = QuantLinear(formats(random_weight(n, k, 5))[fmt], backend="native", dtype=torch.bfloat16)
+    lin.simd = simd
+    g = torch.Generator().manual_seed(0)
+    for rows, spread in itertools.product((2, 9, 19, DEQUANTIZE_MIN_ROWS - 1), (0, 8)):
+        # (a wide exponent range shows more changes of summation order: rounding then rarely cancels)
+        x = torch.randn(rows, k, generator=g) * 2.0 ** torch.randint(-spread, spread + 1, (rows, k), generator=g)
+        together = lin(x.bfloat16())
+        for i in sorted({0, rows // 2, rows - 1}):
+            assert torch.equal(together[i : i + 1], lin(x[i : i + 1].bfloat16())), (rows, spread, i)
 
 
 @pytest.mark.parametrize("rows", [1, 8, 13])

@@ -10,8 +10,9 @@
   tree path spells (a rejected draft's K/V never reaches the tree).
 - Sampling: seeded requests give the same tokens with n-gram drafts; a draft model's rejection rule
   leaves the token distribution unchanged (chi-square, fixed seeds, p > 0.001).
-- Constrained decoding and the default model (float32, where batched and single-row forwards agree
-  to the bit; in bfloat16 multi-row matmuls round differently, as plain batching already does).
+- Constrained decoding and the default model, in float32 and with the defaults (bf16, the GGUF's 4-bit
+  weights), where a row's logits do not depend on the step's other rows; with bf16 float weights
+  torch's GEMM rounds multi-row forwards differently, as plain batching already does.
 """
 
 from __future__ import annotations
@@ -313,8 +314,20 @@ SCHEMA = {
 }  # fmt: skip
 
 
+# With the defaults, the verify steps of this story at batch 1 once parted from plain decoding (two
+# summation orders in the quantized kernel, one for a single row and one for several).
+STORY = [{"role": "user", "content": "Write a short story about a dragon who learns to paint."}]
+
+
 @pytest.mark.slow
-def test_default_model_greedy_and_constrained_output_is_unchanged():
+@pytest.mark.parametrize(
+    "weights",
+    [{"dtype": "float32", "quantization": "none"}, {}],  # float32 everything; the defaults (bf16, 4-bit weights)
+    ids=["float32", "defaults"],
+)
+def test_default_model_greedy_and_constrained_output_is_unchanged(weights):
+    """With the defaults the quantized kernel computes each row alone (tests/test_quant.py), so a verify
+    step's logits are a decode step's to the bit in bf16 too."""
     chats = [
         [{"role": "user", "content": f"Repeat this text exactly, word for word:\n\n{PASSAGE}"}],
         [{"role": "user", "content": "Write a short poem about autumn."}],
@@ -325,8 +338,10 @@ def test_default_model_greedy_and_constrained_output_is_unchanged():
     ]
     results = []
     for options in ({}, {"speculative_algorithm": "NGRAM"}):
-        with Engine(dtype="float32", quantization="none", **options) as engine:
-            results.append(engine.generate([engine.render_chat(c) for c in chats], params))
+        with Engine(**weights, **options) as engine:
+            batched = engine.generate([engine.render_chat(c) for c in chats], params)
+            alone = engine.chat(STORY, {"max_new_tokens": 256, "temperature": 0})  # one row a step, or 1 + k
+            results.append([*batched, alone])
     plain, spec = results
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     assert spec[0].usage.spec_accepted_tokens > 10, "the repeated passage should be drafted and accepted"
