@@ -51,6 +51,9 @@ class EngineConfig:
     enable_hierarchical_cache: bool = False  # SGLang's spelling: a disk tier in kv_disk_dir or ~/.cache/radixrt/kv
     max_pinned_tokens: int | None = None  # cap on pinned prefixes; None: a fifth of the KV pool (cache/pins.py)
     attention_backend: str = "auto"
+    # SGLang's name: a row's logits never depend on the rest of its batch (quantized layers run the native
+    # kernel at every chunk size, ~10-15% slower prefill; docs/kernels.md); needs quantized weights
+    enable_deterministic_inference: bool = False
     disable_fused_decoder: bool = False  # True: the eager per-op forward even where the fused CPU one covers the model
     grammar_backend: str = DEFAULT_GRAMMAR_BACKEND  # chosen by measured schema coverage: docs/constrained.md
     grammar_compile_timeout_s: float = 10.0  # a grammar still compiling after this fails its request (408)

@@ -122,6 +122,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "else none (default: %(default)s)",
     )
     g.add_argument(
+        "--enable-deterministic-inference",
+        action="store_true",
+        help="the same output for a request whatever else is batched with it: quantized layers compute each "
+        "row alone at every chunk size (prefill ~10-15%% slower); needs quantized weights (the default)",
+    )
+    g.add_argument(
         "--disable-fused-decoder",
         action="store_true",
         help="run the model op by op from Python instead of the fused CPU decoder (csrc/decoder.cpp; for comparison)",

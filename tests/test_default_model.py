@@ -66,6 +66,17 @@ def test_float32_batched_equals_solo():
     assert batched == solo
 
 
+def test_deterministic_inference_batched_equals_solo():
+    """--enable-deterministic-inference: the quantized layers compute each row alone at every chunk
+    size too, so in bf16 the batched answers equal the solo ones to the token (the test below shows
+    that without it, prefilling the 8 prompts together parts 3 of them)."""
+    with Engine(enable_deterministic_inference=True) as engine:
+        batched, solo = batched_and_solo(engine)
+    assert batched == solo
+    with pytest.raises(ValueError, match="needs quantized weights"):
+        Engine(enable_deterministic_inference=True, quantization="none")
+
+
 def test_bfloat16_batched_stays_close_to_solo(engine):
     """In bf16 a matmul's rounding can depend on how many rows it has, so a batched request can pick
     another token where two are nearly tied. With the default 4-bit weights, decode steps are exact

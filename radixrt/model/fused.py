@@ -22,7 +22,7 @@ from radixrt.attention.base import ForwardBatch
 from radixrt.attention.native import paged_index
 from radixrt.cache.page_pool import KVPool
 from radixrt.model.llama import LlamaForCausalLM
-from radixrt.model.quant import DEQUANTIZE_MIN_ROWS, QuantLinear
+from radixrt.model.quant import QuantLinear
 
 _ACTIVATIONS = {"silu": False, "gelu_pytorch_tanh": True}  # name -> gelu_tanh flag of the C++ decoder
 
@@ -78,7 +78,7 @@ class FusedDecoder:
         if isinstance(module, QuantLinear):
             out.qweight, out.scales, out.offsets = module.qweight, module.scales, module.offsets
             out.n, out.bits, out.group_size = module.out_features, module.bits, module.group_size
-            out.dequantize_min_rows, out.simd = DEQUANTIZE_MIN_ROWS, module.simd
+            out.dequantize_min_rows, out.simd = module.dequantize_min_rows, module.simd
         else:
             out.weight = module.weight.data
         return out

@@ -59,6 +59,9 @@ TORCH_INT4_GROUPS = (32, 64, 128, 256)  # what aten's int4 kernel accepts
 # From this many rows on, dequantizing the weight to bf16 and running torch's bf16 GEMM is as fast
 # as the native quantized kernel or faster (see the table above).
 DEQUANTIZE_MIN_ROWS = 128
+# A dequantize threshold no chunk reaches: every row through the native kernel, which computes each row
+# alone (the same bits whatever else is in the batch).
+BATCH_INVARIANT = 2**62
 Method = Literal["int8", "int4"]
 Backend = Literal["auto", "native", "torch"]
 
@@ -243,6 +246,8 @@ class QuantLinear(nn.Module):
             raise RuntimeError("the native quantized kernels are unavailable (see radixrt._native.load_error())")
         self.backend = "native" if native else "torch"
         self.simd = True  # False: the native kernels' portable C++ loops (tests run both on AVX-512 machines)
+        # From this many rows on, dequantize for torch's GEMM; never (BATCH_INVARIANT) for deterministic inference.
+        self.dequantize_min_rows = DEQUANTIZE_MIN_ROWS
         self._kernel_args: tuple | None = None
         self._torch_weight = None if self.backend == "native" else _TorchWeight(weight, dtype)
 
@@ -265,8 +270,8 @@ class QuantLinear(nn.Module):
         if self.backend == "native":
             return _native_ops().quant_linear(
                 x, *self._kernel_weight(), self.bias, self.out_features, self.bits, self.group_size,
-                DEQUANTIZE_MIN_ROWS, self.simd,
-            )
+                self.dequantize_min_rows, self.simd,
+            )  # fmt: skip
         out = self._torch_weight.matmul(x.reshape(-1, self.in_features))
         if self.bias is not None:
             out = out + self.bias

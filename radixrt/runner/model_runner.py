@@ -27,7 +27,7 @@ from radixrt.model.gguf_quant import load_gguf_linears
 from radixrt.model.llama import LlamaForCausalLM
 from radixrt.model.loader import default_gguf_path, iter_weights, read_model_config
 from radixrt.model.parallel import TensorParallel
-from radixrt.model.quant import quantize_linears
+from radixrt.model.quant import BATCH_INVARIANT, QuantLinear, quantize_linears
 from radixrt.runner.dtype import resolve_dtype
 from radixrt.runner.step_batch import PromptRows, StepBatch
 from radixrt.sampling import prompt_logprobs, select_rows
@@ -68,6 +68,20 @@ def resolve_quantization(config: EngineConfig, gguf: Path | None, tp: TensorPara
     return "gguf" if gguf is not None and native and tp is None else None
 
 
+def _make_batch_invariant(model: LlamaForCausalLM) -> None:
+    """Every quantized layer through the native kernel at any number of rows (it computes each row alone);
+    float weights go through torch's GEMM, whose rounding depends on the rows, so they are refused."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    float_layers = any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    if not layers or float_layers or any(m.backend != "native" for m in layers):
+        raise ValueError(
+            "--enable-deterministic-inference needs quantized weights on the native CPU kernels (the default "
+            "--quantization auto with a .gguf model, or gguf/int8/int4): torch's GEMM rounds a row by its batch"
+        )
+    for layer in layers:
+        layer.dequantize_min_rows = BATCH_INVARIANT
+
+
 def gguf_source(model: str | None) -> Path | None:
     """The .gguf file a model option names (None: the default model's), or None for a checkpoint folder."""
     if model is None:
@@ -91,6 +105,8 @@ class ModelRunner:
         self.quantization = resolve_quantization(config, gguf, tp)
         self.dtype = resolve_dtype(config.dtype, model_dir, gguf is not None, config.device)
         self.model = load_model(model_dir, self.dtype, config.device, tp, self.quantization, gguf)
+        if config.enable_deterministic_inference:
+            _make_batch_invariant(self.model)
         self.model_config = self.model.config
         kv_layout = self.model.shard  # this rank's KV heads (all of them without tensor parallelism)
         pages = KVPool.pages_for_budget(kv_layout, int(config.kv_memory_gb * 2**30), config.page_size, self.dtype)

@@ -39,7 +39,10 @@ TIME_DECAY = 0.9  # weight of the past in the draft step's measured time
 class DraftModel:
     def __init__(self, config: EngineConfig, num_pages: int, vocab_size: int, eos_ids: Sequence[int]) -> None:
         quantization = config.speculative_draft_model_quantization or config.quantization
-        draft_config = dataclasses.replace(config, model=config.speculative_draft_model_path, quantization=quantization)
+        draft_config = dataclasses.replace(
+            config, model=config.speculative_draft_model_path, quantization=quantization,
+            enable_deterministic_inference=False,  # drafts are only proposals: the target decides the output
+        )  # fmt: skip
         self.runner = ModelRunner(draft_config, resolve_model_path(draft_config.model), num_pages=num_pages)
         if self.runner.model_config.vocab_size != vocab_size:
             raise ValueError(
