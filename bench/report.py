@@ -531,7 +531,9 @@ def speculative() -> list[str]:
             out += [f"### {dtype}", ""]
         out += [machine_line(r, dtype), ""]
         out += [
-            f"Greedy decode tok/s with drafts against no speculation (`off`), the same prompts in the same round; "
+            f"Greedy decode tok/s with drafts against no speculation, the same prompts in the same round: `ngram` "
+            "and `ngram+cache` run the defaults (bf16, the GGUF's 4-bit weights) against `off`; `draft-int4` runs "
+            "a target with bf16 weights against `off-bf16`; "
             f"configurations alternate, best of {a['repeats']} rounds; at most {a['max_new_tokens']} new tokens per "
             "request, each streamed on its own thread (tok/s from the moment every request has its first token). "
             "Batch B runs B variants of a workload at once. Workloads: `json` extracts a hotel's details from a "
@@ -539,8 +541,12 @@ def speculative() -> list[str]:
             "re-emits a tool's output, `free` writes a story (nothing to copy: the control). `ngram` drafts from "
             "the request's own tokens, `ngram+cache` also from the radix cache, `draft-int4` from a draft model "
             "quantized to int4. Accept rate: drafts kept / drafted; accept length: tokens per verify step "
-            "(SGLang's); identical: outputs equal to `off`'s (in bf16 a multi-row forward rounds differently "
-            "from a single row, as batching does; in float32 they agree). Each round starts from an empty cache, "
+            "(SGLang's); identical: outputs equal to the baseline's (with 4-bit weights a row's logits do not "
+            "depend on the other rows of a decode or verify step; at batch 8 and 32 prompts that arrive together "
+            "share a prefill chunk of 128+ rows, dequantized for torch's GEMM, so how they are grouped, which "
+            "varies run to run, can move a near-tie: `--enable-deterministic-inference` removes that; with bf16 "
+            "weights torch's GEMM rounds a multi-row forward differently from one row). Each round starts from an "
+            "empty cache, "
             "so `ngram+cache` can only add drafts from the other requests of its batch.",
             "",
         ]

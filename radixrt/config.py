@@ -73,6 +73,7 @@ class EngineConfig:
     speculative_ngram_min_match_window_size: int = 1  # SGLang's names and defaults: n of the n-grams matched
     speculative_ngram_max_match_window_size: int = 12
     speculative_ngram_from_cache: bool = False
+    speculative_ngram_text_lookup: bool = True  # ours: when token n-grams miss, match the prompt's text by characters
     speculative_draft_model_path: str | None = None
     speculative_draft_model_quantization: str | None = None  # None: as --quantization
     speculative_max_batch_size: int = 16  # a step with more decode requests is compute-bound: no drafts

@@ -195,6 +195,13 @@ def _add_speculative_args(g, d: EngineConfig) -> None:
         "the radix cache holds under its cache_salt",
     )
     g.add_argument(
+        "--speculative-ngram-disable-text-lookup",
+        dest="speculative_ngram_text_lookup",
+        action="store_false",
+        help="NGRAM: match only token n-grams, not also the prompt's text by characters (which finds copies "
+        "tokenized differently, e.g. a word that opens a JSON string)",
+    )
+    g.add_argument(
         "--speculative-draft-model-path",
         "--speculative-draft-model",
         dest="speculative_draft_model_path",

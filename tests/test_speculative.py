@@ -38,6 +38,7 @@ from radixrt.sampling_params import SamplingParams
 from radixrt.sampling_spec import accepted_run, rejection_sample
 from radixrt.scheduler.scheduler import Scheduler
 from radixrt.worker.speculative import Speculator
+from radixrt.worker.text_lookup import TextLookup
 
 GREEDY = {"max_new_tokens": 40, "min_new_tokens": 40, "temperature": 0}
 PS = 4
@@ -256,6 +257,41 @@ def test_every_page_is_accounted_for_with_drafts(requests, num_pages, agree, abo
     assert allocator.num_free + cache.stats().cached_pages == num_pages
     if any(outputs >= 6 for _, _, outputs in requests):
         assert planned > 0, "no request drafted: the speculative paths did not run"
+
+
+# ----- prompt lookup by characters -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from radixrt.model.loader import load_tokenizer, resolve_model_path
+
+    return load_tokenizer(resolve_model_path(None))  # the default model's BPE: ` Portsmouth` is one token
+
+
+def test_text_lookup_drafts_a_copy_that_tokenizes_differently(tokenizer):
+    """A JSON value opening with `P` has no token n-gram in a passage that holds ` Portsmouth`; by
+    characters it is found at a word start, and the draft continues the model's token boundary."""
+    ids = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    prompt = ids("The hotel is in Portsmouth, near the sea. Call +44 23 9282 1000.")
+    lookup = TextLookup(tokenizer, prompt)
+    so_far = prompt + ids('{"city": "P')
+    draft = lookup.propose(so_far, 3)
+    assert len(draft) == 3 and tokenizer.decode(so_far[-1:] + draft) == "Portsmouth,"
+    assert tokenizer.decode(lookup.propose(prompt + ids('{"phone": "+'), 32)).startswith("44 23 9282 1000")
+
+
+def test_text_lookup_needs_a_word_start_or_three_characters(tokenizer):
+    ids = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    prompt = ids("An uPdate of the Quay Road.")
+    lookup = TextLookup(tokenizer, prompt)
+    # `P` after a quote starts a word: the `P` inside `uPdate` is no match, and no word starts with P
+    assert lookup.propose(prompt + ids(' "P'), 4) == []
+    # `Qu` starts a word in both: the draft follows `Quay`
+    assert tokenizer.decode(lookup.propose(prompt + ids(' "Qu'), 2)).startswith("ay")
+    # two characters inside a word are too few to trust; text found nowhere drafts nothing
+    assert lookup.propose(prompt + ids(" xyzda"), 4) == []
+    assert lookup.propose(prompt + ids(" nothing like it"), 4) == []
 
 
 # ----- the radix cache's continuation lookup --------------------------------------------------------

@@ -2,8 +2,9 @@
 
     plan     for each decode request, a draft length k (draft_length.py: its acceptance so far, the
              batch's cost), then k drafts: prompt lookup in its own tokens (ngram.py), else in the radix
-             cache (`PrefixCache.continuation`), or k forwards of a draft model (draft_model.py); cut
-             where the request's grammar rejects them; pages for 1 + k tokens (`Scheduler.reserve_drafts`)
+             cache (`PrefixCache.continuation`), else in its prompt's text (text_lookup.py), or k
+             forwards of a draft model (draft_model.py); cut where the request's grammar rejects them;
+             pages for 1 + k tokens (`Scheduler.reserve_drafts`)
     forward  one verify step, prefill-shaped: request b computes its last token and its k drafts, with
              logits at all 1 + k of them (runner/step_batch.py)
     accept   the run of tokens it keeps (sampling_spec.py); the worker appends them one by one, so
@@ -30,12 +31,14 @@ from radixrt.worker.draft_length import Acceptance, draft_length, step_cost
 from radixrt.worker.draft_model import DraftModel
 from radixrt.worker.grammar import RequestGrammars
 from radixrt.worker.ngram import NgramIndex
+from radixrt.worker.text_lookup import TextLookup
 
 # Tokens a radix-cache lookup matches: across many unrelated sequences, shorter matches are mostly chance.
 CACHE_WINDOW = 4
 # Acceptance is learnt per n-gram match length, up to this one (a cache continuation counts as the longest):
 # a 1-token match in JSON is a guess, a 6-token match in a quoted passage nearly always right.
 LONGEST_BUCKET = 4
+TEXT_BUCKET = -1  # the acceptance of drafts found by characters (text_lookup.py)
 TIME_DECAY = 0.9  # weight of the past in the target step's measured time
 
 
@@ -52,6 +55,7 @@ class SpecCounts:
 @dataclass
 class _ReqState:
     ngrams: NgramIndex
+    text: TextLookup | None  # None: text lookup off
     acceptance: dict[int, Acceptance] = field(default_factory=dict)  # by match length (0: a draft model)
     counts: SpecCounts = field(default_factory=SpecCounts)
 
@@ -69,8 +73,11 @@ class Speculator:
         vocab_size: int,
         max_context: int,
         draft: DraftModel | None,
+        tokenizer=None,
     ) -> None:
+        """`tokenizer`: for prompt lookup by characters (None: token n-grams only)."""
         self.scheduler = scheduler
+        self.tokenizer = tokenizer
         self.cache = cache
         self.grammars = grammars
         self.vocab_size = vocab_size
@@ -114,21 +121,26 @@ class Speculator:
         return drafts
 
     def _lookup_drafts(self, req: Req, beta: float) -> list[int]:
-        """Prompt lookup in the request's own tokens, else (if enabled) in the radix cache's sequences;
-        as many of the tokens found as pay off at the acceptance seen for matches this long."""
+        """Prompt lookup in the request's own tokens, else (if enabled) in the radix cache's sequences,
+        else in its prompt's text; as many of the tokens found as pay off at the acceptance seen for
+        matches of that kind."""
         limit = self._limit(req)
         if limit <= 0:
             return []
-        draft, match = self._state(req).ngrams.propose(req.token_ids, limit)
+        state = self._state(req)
+        draft, match = state.ngrams.propose(req.token_ids, limit)
         if not draft and self.from_cache:
             context = req.token_ids[-self.cache_window :]
             draft = self.cache.continuation(context, req.params.cache_salt, limit, self.cache_window)
             match = LONGEST_BUCKET  # a cross-request match of cache_window tokens: trusted like a long one
-        if not draft:
-            return []
-        learn = self._state(req).rate_of(match)
-        if self.adaptive:
-            draft = draft[: draft_length(learn, len(draft), beta)]
+        if draft:
+            learn = state.rate_of(match)
+            if self.adaptive:
+                draft = draft[: draft_length(learn, len(draft), beta)]
+        elif state.text is not None:  # k first: the text lookup costs tokenizer calls, skipped when it does not pay
+            learn = state.rate_of(TEXT_BUCKET)
+            k = draft_length(learn, limit, beta) if self.adaptive else limit
+            draft = state.text.propose(req.token_ids, k) if k else []
         draft = self._grammar_cut(req, draft)
         draft = draft[: self.scheduler.reserve_drafts(req, len(draft))]
         if draft:
@@ -236,7 +248,8 @@ class Speculator:
     def _state(self, req: Req) -> _ReqState:
         state = self.states.get(req)
         if state is None:
-            state = self.states[req] = _ReqState(NgramIndex(*self.windows))
+            text = TextLookup(self.tokenizer, req.prompt_ids) if self.tokenizer is not None else None
+            state = self.states[req] = _ReqState(NgramIndex(*self.windows), text)
         return state
 
 
@@ -248,12 +261,16 @@ def make_speculator(
     model_config: ModelConfig,
     max_context: int,
     num_pages: int,
+    tokenizer_loader: Callable,
 ) -> Speculator | None:
-    """The worker's speculator for config.speculative_algorithm (loading the draft model), or None when off."""
+    """The worker's speculator for config.speculative_algorithm (loading the draft model, or the tokenizer
+    for prompt lookup by characters), or None when off."""
     if not config.speculative_algorithm:
         return None
     vocab_size = model_config.vocab_size
     draft = None
     if config.speculative_algorithm == "DRAFT":
         draft = DraftModel(config, num_pages, vocab_size, sorted(set(model_config.eos_token_ids)))
-    return Speculator(config, scheduler, cache, grammars, vocab_size, max_context, draft)
+    text = draft is None and config.speculative_ngram_text_lookup
+    tokenizer = tokenizer_loader() if text else None
+    return Speculator(config, scheduler, cache, grammars, vocab_size, max_context, draft, tokenizer)

@@ -73,8 +73,9 @@ class Worker:
             GrammarLimits(time_budget_s=config.grammar_compile_timeout_s),
         )
         self.speculator = make_speculator(
-            config, self.scheduler, self.cache, self.grammars, self.model_config, self.max_context, num_pages
-        )  # speculative decoding (worker/speculative.py); None when off
+            config, self.scheduler, self.cache, self.grammars, self.model_config, self.max_context, num_pages,
+            partial(load_tokenizer, self.model_dir),
+        )  # speculative decoding (worker/speculative.py); None when off  # fmt: skip
         self.reqs: dict[str, Req] = {}
         self._pending: list[ipc.ReqOutput] = []
         self.totals = {"prompt": 0, "generated": 0, "cached": 0, "finished": 0}
