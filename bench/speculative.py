@@ -98,6 +98,8 @@ def configs(args) -> dict[str, dict]:
     """The chosen configurations and the baselines they are compared with (BASELINE)."""
     base = {"dtype": args.dtype}  # the defaults: the GGUF's own 4-bit weights
     float_weights = {**base, "quantization": "none"}  # the draft model's target, as the issue asks
+    if args.deterministic:  # (float weights cannot be: torch's GEMM rounds a row by its batch)
+        base["enable_deterministic_inference"] = True
     draft = {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": str(default_gguf_path()),
              "speculative_draft_model_quantization": "int4"}  # fmt: skip
     out = {"off": base, "ngram": {**base, "speculative_algorithm": "NGRAM"},
@@ -152,6 +154,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; each number is its best")
     parser.add_argument("--dtype", default="auto", help="the target's (auto: bfloat16 on this CPU)")
     parser.add_argument("--quick", action="store_true", help="batch 1, 96 tokens, off and ngram, 2 rounds")
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="--enable-deterministic-inference for the 4-bit configurations: outputs must then be identical at every "
+        "batch size (without it, how concurrent prompts share prefill chunks changes bf16 rounding run to run)",
+    )
     parser.add_argument("--measure-cost", action="store_true", help="forward time vs tokens per step, then exit")
     args = parser.parse_args()
     if args.measure_cost:
@@ -179,7 +187,8 @@ def main() -> None:
             report(results, workload, batch, names)
     rows = [row for (w, b, n) in results for row in [summary(results, w, b, n)]]
     print(table(rows, ["workload", "batch", "config", "tok_s", "speedup", "accept_rate", "accept_length", "identical"]))
-    save(f"speculative{'_' + args.dtype if args.dtype != 'auto' else ''}",
+    suffix = ("_" + args.dtype if args.dtype != "auto" else "") + ("_deterministic" if args.deterministic else "")
+    save(f"speculative{suffix}",
          {"args": vars(args), "configs": names, "rows": rows})  # fmt: skip
 
 
