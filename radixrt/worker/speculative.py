@@ -141,6 +141,8 @@ class Speculator:
             learn = state.rate_of(TEXT_BUCKET)
             k = draft_length(learn, limit, beta) if self.adaptive else limit
             draft = state.text.propose(req.token_ids, k) if k else []
+        if not draft:
+            return []
         draft = self._grammar_cut(req, draft)
         draft = draft[: self.scheduler.reserve_drafts(req, len(draft))]
         if draft:

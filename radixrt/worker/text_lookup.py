@@ -16,14 +16,18 @@ TAIL_TOKENS = 8  # the request's last tokens whose text is matched
 MAX_CHARS = 32  # the longest text suffix tried
 MIN_CHARS = 3  # the shortest, unless it starts a word (then 1: a JSON value's first character)
 DRAFT_CHARS = 64  # text after the match tokenized into the draft
+# What is searched: the prompt's last tokens and characters. Bounds a lookup's cost (up to MAX_CHARS
+# scans of it per step) and the decode when a request starts, whatever the prompt's length.
+SOURCE_TOKENS = 8192
+SOURCE_CHARS = 32768
 
 
 class TextLookup:
-    """One request's prompt text, searched for the longest suffix of its latest text."""
+    """One request's prompt text (its end: SOURCE_TOKENS), searched for the longest suffix of its latest text."""
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int]) -> None:
         self.tokenizer = tokenizer
-        self.source = tokenizer.decode(list(prompt_ids))
+        self.source = tokenizer.decode(list(prompt_ids[-SOURCE_TOKENS:]))[-SOURCE_CHARS:]
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
         """Up to k tokens of the prompt's text after its latest match of the request's last characters."""
