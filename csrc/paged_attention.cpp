@@ -16,11 +16,21 @@
 // block's K/V rows are read from their pages once, in memory order, into a few KB of per-thread
 // scratch (no whole-sequence gather).
 //
+// Keys fall into splits of kSplit at fixed positions ([0, kSplit), [kSplit, 2 kSplit), ...). Each
+// split runs its own online softmax, and a query's splits are merged in order (merge_partial), so a
+// query's result depends on its keys alone: not on its batch, nor on whether it is a decode query
+// or one of several new tokens (a speculative verify step), nor on which thread ran what. (Splits
+// sized by the batch, as before, parted n-gram speculation's greedy output from plain decoding on
+// 1,300-token prompts.) Measured per layer, KV evicted from the caches as a step's weights evict it,
+// 9 heads / 3 KV heads of 64: a batch-1 decode over 450 keys 50 -> 37 us, over 1,000 keys 100 -> 59
+// us (both threads work); 32 requests over 500 keys 750 -> 764 us, over 1,500 keys 2.48 -> 2.60 ms
+// (the merges; splits of 128 cost those 5-10%).
+//
 // Work is split into tasks, handed out dynamically to torch's intra-op threads:
-//   - decode (one query): one task per request over all KV heads, so each key block reads whole
-//     contiguous page rows; long sequences with few requests are split along the keys and the
-//     partial (m, l, acc) merged afterwards (flash-decoding).
-//   - prefill: one task per (request, KV head, block of kQBlock queries).
+//   - decode (one query): one task per request and split over all KV heads, so each key block
+//     reads whole contiguous page rows; a request's split results are merged afterwards
+//     (flash-decoding), so one long request keeps every thread busy.
+//   - prefill: one task per (request, KV head, block of kQBlock queries), its splits one by one.
 // Within a task the G = H / H_kv query heads sharing a KV head are processed together, so every
 // key row fetched from memory serves G (decode) or G * kQBlock (prefill) queries.
 
@@ -43,13 +53,13 @@ namespace {
 
 constexpr int kBlock = 32;      // keys per online-softmax step
 constexpr int kQBlock = 16;     // prefill queries per task
-constexpr int kMinSplit = 256;  // fewest keys worth a separate decode split
+constexpr int kSplit = 256;     // keys per split (a multiple of kBlock); see below
 
 struct Task {
   int b;
   int h0, h1;    // KV heads [h0, h1)
   int q0, q1;    // queries of b, 0-based within its new tokens
-  int kv0, kv1;  // keys [kv0, kv1) (a split of a decode request; else the whole range)
+  int kv0, kv1;  // keys [kv0, kv1) (one split of a decode request; else the whole range)
   int partial;   // >= 0: index of the split's slot in the partial-result workspace
   int64_t cost;
 };
@@ -83,19 +93,61 @@ inline void attend_rows_capped(const float* q, int rows, const float* const* k, 
   }
 }
 
-// Per-thread scratch, sized for the largest task.
+// Per-thread scratch, sized for the largest task. Kept between calls (`for_thread`): allocating it
+// for each of a step's 30 layers was 4% of a batch-1 decoder call.
 template <typename T>
 struct Scratch {
   std::vector<float> q, m, l, acc, s, kbuf, vbuf;
+  std::vector<float> run_m, run_l, run_acc;  // each row's merge of its finished splits
   std::vector<const float*> krow, vrow;
   std::vector<const T*> krow_t, vrow_t;
   std::vector<int64_t> base;
   std::vector<T> kstage, vstage;
-  Scratch(int rows, int D, int heads)
-      : q(size_t(rows) * D), m(rows), l(rows), acc(size_t(rows) * D), s(kMaxGroup * kBlock),
-        kbuf(size_t(kBlock) * D), vbuf(size_t(kBlock) * D), krow(kBlock), vrow(kBlock), krow_t(kBlock), vrow_t(kBlock),
-        base(kBlock), kstage(size_t(kBlock) * heads * D), vstage(size_t(kBlock) * heads * D) {}
+
+  // This thread's scratch, grown to hold `rows` query rows of D and `heads` KV heads' staged keys.
+  static Scratch& for_thread(int rows, int D, int heads) {
+    thread_local Scratch sc;
+    sc.grow(rows, D, heads);
+    return sc;
+  }
+
+ private:
+  void grow(int rows, int D, int heads) {
+    const size_t r = rows, d = D, staged = size_t(kBlock) * heads * D;
+    if (q.size() >= r * d && m.size() >= r && kbuf.size() >= kBlock * d && kstage.size() >= staged) return;
+    for (auto* v : {&q, &acc, &run_acc}) v->resize(std::max(v->size(), r * d));
+    for (auto* v : {&m, &l, &run_m, &run_l}) v->resize(std::max(v->size(), r));
+    for (auto* v : {&kbuf, &vbuf}) v->resize(std::max(v->size(), kBlock * d));
+    for (auto* v : {&kstage, &vstage}) v->resize(std::max(v->size(), staged));
+    s.resize(kMaxGroup * kBlock);
+    krow.resize(kBlock), vrow.resize(kBlock), krow_t.resize(kBlock), vrow_t.resize(kBlock), base.resize(kBlock);
+  }
 };
+
+// (m, l, acc) += one split's (m2, l2, acc2), the softmax statistics rescaled to the larger max.
+// Out of line, so that every caller runs the same instructions (the same roundings) whatever the
+// compiler would have inlined or vectorized where. A split in which the row saw no key (m2 = -inf)
+// changes nothing; the first one is copied.
+__attribute__((noinline)) void merge_partial(float& m, float& l, float* acc, float m2, float l2, const float* acc2,
+                                             int D) {
+  if (m2 == kNegInf) return;
+  if (m == kNegInf) {
+    m = m2, l = l2;
+    std::memcpy(acc, acc2, sizeof(float) * D);
+    return;
+  }
+  const float mx = std::max(m, m2), a = std::exp(m - mx), b = std::exp(m2 - mx);
+  l = l * a + l2 * b;
+  for (int d = 0; d < D; ++d) acc[d] = acc[d] * a + acc2[d] * b;
+  m = mx;
+}
+
+// A query head's output: its merged acc / l, rounded to the storage type.
+template <typename T>
+__attribute__((noinline)) void finish_row(const float* acc, float l, T* dst, int D) {
+  const float inv = 1.f / l;
+  for (int i = 0; i < D; ++i) dst[i] = from_f32<T>(acc[i] * inv);
+}
 
 template <typename T>
 void run_task(const Problem& p, const Task& t, const T* q, const T* kc, const T* vc, T* out, float* partial,
@@ -119,122 +171,118 @@ void run_task(const Problem& p, const Task& t, const T* q, const T* kc, const T*
         float* dst = sc.q.data() + size_t(r) * D;
         for (int i = 0; i < D; ++i) dst[i] = to_f32(src[i]) * p.scale;
       }
-  std::fill(sc.m.begin(), sc.m.begin() + rows, kNegInf);
-  std::fill(sc.l.begin(), sc.l.begin() + rows, 0.f);
-  std::fill(sc.acc.begin(), sc.acc.begin() + size_t(rows) * D, 0.f);
+  std::fill(sc.run_m.begin(), sc.run_m.begin() + rows, kNegInf);
+  std::fill(sc.run_l.begin(), sc.run_l.begin() + rows, 0.f);
 
   const int kv_begin = std::max(t.kv0, first_key(p, prefix + t.q0));  // the first query's window start
   const int kv_end = std::min(t.kv1, prefix + t.q1);                  // the last query's causal limit
   const int64_t* base = sc.base.data();
-  for (int kb = kv_begin; kb < kv_end; kb += kBlock) {
-    const int n = std::min(kBlock, kv_end - kb);
-    int page = kb / p.page_size, row = kb % p.page_size;  // one division per block, not per key
-    for (int j = 0; j < n; ++j) {  // element offset of each key row of the block
-      sc.base[j] = (int64_t(pages[page]) * p.page_size + row) * p.kv_s_token;
-      if (++row == p.page_size) row = 0, ++page;
-    }
-    // Stage the block: each key's rows for the task's heads are adjacent in its page, so this reads
-    // memory in order with no compute in between (many misses in flight), into a few KB of scratch.
-    // Reading the pages in place from the compute loops instead leaves a decode waiting on memory
-    // (bf16: 1.4x slower; fp32: the same).
-    const int64_t width = int64_t(t.h1 - t.h0) * D;
-    for (int j = 0; j < n; ++j) {
-      std::memcpy(sc.kstage.data() + j * width, kc + base[j] + int64_t(t.h0) * D, width * sizeof(T));
-      std::memcpy(sc.vstage.data() + j * width, vc + base[j] + int64_t(t.h0) * D, width * sizeof(T));
-    }
-    for (int hk = t.h0; hk < t.h1; ++hk) {
+  for (int split = kv_begin / kSplit * kSplit; split < kv_end; split += kSplit) {
+    const int lo_key = std::max(kv_begin, split), hi_key = std::min(kv_end, split + kSplit);
+    std::fill(sc.m.begin(), sc.m.begin() + rows, kNegInf);
+    std::fill(sc.l.begin(), sc.l.begin() + rows, 0.f);
+    std::fill(sc.acc.begin(), sc.acc.begin() + size_t(rows) * D, 0.f);
+    // Blocks end at multiples of kBlock too, so a query whose window starts mid-block meets its keys
+    // in the same blocks whichever query of the task set where the task starts.
+    for (int kb = lo_key, n; kb < hi_key; kb += n) {
+      n = std::min((kb / kBlock + 1) * kBlock, hi_key) - kb;
+      int page = kb / p.page_size, row = kb % p.page_size;  // one division per block, not per key
+      for (int j = 0; j < n; ++j) {  // element offset of each key row of the block
+        sc.base[j] = (int64_t(pages[page]) * p.page_size + row) * p.kv_s_token;
+        if (++row == p.page_size) row = 0, ++page;
+      }
+      // Stage the block: each key's rows for the task's heads are adjacent in its page, so this reads
+      // memory in order with no compute in between (many misses in flight), into a few KB of scratch.
+      // Reading the pages in place from the compute loops instead leaves a decode waiting on memory
+      // (bf16: 1.4x slower; fp32: the same).
+      const int64_t width = int64_t(t.h1 - t.h0) * D;
       for (int j = 0; j < n; ++j) {
-        sc.krow_t[j] = sc.kstage.data() + j * width + (hk - t.h0) * D;
-        sc.vrow_t[j] = sc.vstage.data() + j * width + (hk - t.h0) * D;
+        std::memcpy(sc.kstage.data() + j * width, kc + base[j] + int64_t(t.h0) * D, width * sizeof(T));
+        std::memcpy(sc.vstage.data() + j * width, vc + base[j] + int64_t(t.h0) * D, width * sizeof(T));
       }
-      // The portable loops take fp32 rows: float pages as they are, others widened once per block
-      // (every query row of this head reuses them). The vector path widens in registers.
-      const float* const* krow = nullptr;
-      const float* const* vrow = nullptr;
-      if constexpr (std::is_same_v<T, float>) {
-        krow = sc.krow_t.data();
-        vrow = sc.vrow_t.data();
-      } else if (!direct) {
+      for (int hk = t.h0; hk < t.h1; ++hk) {
         for (int j = 0; j < n; ++j) {
-          row_to_f32(sc.krow_t[j], sc.kbuf.data() + size_t(j) * D, D, p.simd);
-          row_to_f32(sc.vrow_t[j], sc.vbuf.data() + size_t(j) * D, D, p.simd);
-          sc.krow[j] = sc.kbuf.data() + size_t(j) * D;
-          sc.vrow[j] = sc.vbuf.data() + size_t(j) * D;
+          sc.krow_t[j] = sc.kstage.data() + j * width + (hk - t.h0) * D;
+          sc.vrow_t[j] = sc.vstage.data() + j * width + (hk - t.h0) * D;
         }
-        krow = sc.krow.data();
-        vrow = sc.vrow.data();
-      }
-      for (int qi = 0; qi < nq; ++qi) {
-        const int pos = prefix + t.q0 + qi;
-        const int lo = std::max(0, first_key(p, pos) - kb);  // keys [lo, hi) of this block it sees
-        const int hi = std::min(n, pos + 1 - kb);
-        if (hi <= lo) continue;
-        const int r = ((hk - t.h0) * nq + qi) * G;  // its G rows, one per query head of this KV head
-        float* qr = sc.q.data() + size_t(r) * D;
-        float* acc = sc.acc.data() + size_t(r) * D;
-        float* m = sc.m.data() + r;
-        float* l = sc.l.data() + r;
-        if (direct)
-          attend_rows_direct<T>(qr, G, sc.krow_t.data() + lo, sc.vrow_t.data() + lo, hi - lo, D, m, l, acc,
-                                sc.s.data(), kBlock);
-        else if (capped)
-          attend_rows_capped(qr, G, krow + lo, vrow + lo, hi - lo, D, m, l, acc, sc.s.data(), p.softcap, p.simd);
-        else
-          attend_rows(qr, G, krow + lo, vrow + lo, hi - lo, D, m, l, acc, sc.s.data(), kBlock, p.simd);
+        // The portable loops take fp32 rows: float pages as they are, others widened once per block
+        // (every query row of this head reuses them). The vector path widens in registers.
+        const float* const* krow = nullptr;
+        const float* const* vrow = nullptr;
+        if constexpr (std::is_same_v<T, float>) {
+          krow = sc.krow_t.data();
+          vrow = sc.vrow_t.data();
+        } else if (!direct) {
+          for (int j = 0; j < n; ++j) {
+            row_to_f32(sc.krow_t[j], sc.kbuf.data() + size_t(j) * D, D, p.simd);
+            row_to_f32(sc.vrow_t[j], sc.vbuf.data() + size_t(j) * D, D, p.simd);
+            sc.krow[j] = sc.kbuf.data() + size_t(j) * D;
+            sc.vrow[j] = sc.vbuf.data() + size_t(j) * D;
+          }
+          krow = sc.krow.data();
+          vrow = sc.vrow.data();
+        }
+        for (int qi = 0; qi < nq; ++qi) {
+          const int pos = prefix + t.q0 + qi;
+          const int lo = std::max(0, first_key(p, pos) - kb);  // keys [lo, hi) of this block it sees
+          const int hi = std::min(n, pos + 1 - kb);
+          if (hi <= lo) continue;
+          const int r = ((hk - t.h0) * nq + qi) * G;  // its G rows, one per query head of this KV head
+          float* qr = sc.q.data() + size_t(r) * D;
+          float* acc = sc.acc.data() + size_t(r) * D;
+          float* m = sc.m.data() + r;
+          float* l = sc.l.data() + r;
+          if (direct)
+            attend_rows_direct<T>(qr, G, sc.krow_t.data() + lo, sc.vrow_t.data() + lo, hi - lo, D, m, l, acc,
+                                  sc.s.data(), kBlock);
+          else if (capped)
+            attend_rows_capped(qr, G, krow + lo, vrow + lo, hi - lo, D, m, l, acc, sc.s.data(), p.softcap, p.simd);
+          else
+            attend_rows(qr, G, krow + lo, vrow + lo, hi - lo, D, m, l, acc, sc.s.data(), kBlock, p.simd);
+        }
       }
     }
+    for (int r = 0; r < rows; ++r)
+      merge_partial(sc.run_m[r], sc.run_l[r], sc.run_acc.data() + size_t(r) * D, sc.m[r], sc.l[r],
+                    sc.acc.data() + size_t(r) * D, D);
   }
 
   for (int hk = t.h0; hk < t.h1; ++hk)
     for (int qi = 0; qi < nq; ++qi)
       for (int g = 0; g < G; ++g) {
         const int r = ((hk - t.h0) * nq + qi) * G + g;
-        const float* a = sc.acc.data() + size_t(r) * D;
+        const float* a = sc.run_acc.data() + size_t(r) * D;
         const int head = hk * G + g;
-        if (t.partial >= 0) {  // split: keep (m, l, acc) for the merge
+        if (t.partial >= 0) {  // one split of a decode request: keep (m, l, acc) for the merge
           float* dst = partial + (size_t(t.partial) * p.H + head) * (D + 2);
-          dst[0] = sc.m[r];
-          dst[1] = sc.l[r];
+          dst[0] = sc.run_m[r];
+          dst[1] = sc.run_l[r];
           std::memcpy(dst + 2, a, sizeof(float) * D);
         } else {
-          const float inv = 1.f / sc.l[r];
-          T* dst = out + (int64_t(q_start + t.q0 + qi) * p.H + head) * D;
-          for (int i = 0; i < D; ++i) dst[i] = from_f32<T>(a[i] * inv);
+          finish_row(a, sc.run_l[r], out + (int64_t(q_start + t.q0 + qi) * p.H + head) * D, D);
         }
       }
 }
 
-// out[request's token] = merge of its splits' (m, l, acc), per head.
+// out[request's token] = the merge of its splits' (m, l, acc) in key order, per head.
 template <typename T>
 void merge_splits(const Problem& p, int b, int first, int count, const float* partial, T* out) {
   const int D = p.D;
   T* dst_tok = out + int64_t(p.qo_indptr[b]) * p.H * D;
   std::vector<float> acc(D);
   for (int h = 0; h < p.H; ++h) {
-    float m = kNegInf;
-    for (int i = 0; i < count; ++i) m = std::max(m, partial[(size_t(first + i) * p.H + h) * (D + 2)]);
-    float l = 0.f;
-    std::fill(acc.begin(), acc.end(), 0.f);
+    float m = kNegInf, l = 0.f;
     for (int i = 0; i < count; ++i) {
       const float* src = partial + (size_t(first + i) * p.H + h) * (D + 2);
-      if (src[1] == 0.f) continue;
-      const float w = std::exp(src[0] - m);
-      l += src[1] * w;
-      for (int d = 0; d < D; ++d) acc[d] += src[2 + d] * w;
+      merge_partial(m, l, acc.data(), src[0], src[1], src + 2, D);
     }
-    for (int d = 0; d < D; ++d) dst_tok[int64_t(h) * D + d] = from_f32<T>(acc[d] / l);
+    finish_row(acc.data(), l, dst_tok + int64_t(h) * D, D);
   }
 }
 
 template <typename T>
 void run(const Problem& p, int batch, const T* q, const T* kc, const T* vc, T* out) {
   const int nthreads = std::max(1, at::get_num_threads());
-  int num_decode = 0;
-  for (int b = 0; b < batch; ++b) num_decode += p.qo_indptr[b + 1] - p.qo_indptr[b] == 1;
-  // Split decode keys only when there are too few requests to keep every thread busy.
-  const int want_tasks = 4 * nthreads;
-  const int split_goal = num_decode > 0 && num_decode < want_tasks ? (want_tasks + num_decode - 1) / num_decode : 1;
-
   std::vector<Task> tasks;
   std::vector<std::array<int, 3>> merges;  // (request, first partial slot, count)
   int num_partial = 0;
@@ -246,19 +294,16 @@ void run(const Problem& p, int batch, const T* q, const T* kc, const T* vc, T* o
     TORCH_CHECK(kv_len >= qlen, "request ", b, " has ", qlen, " new tokens but only ", kv_len, " keys");
     if (qlen == 1) {
       const int first = first_key(p, kv_len - 1);  // splits cover only the keys the query sees
-      const int splits = std::max(1, std::min(split_goal, (kv_len - first) / kMinSplit));
-      if (splits == 1) {
-        tasks.push_back({b, 0, p.Hkv, 0, 1, first, kv_len, -1, int64_t(kv_len - first) * p.Hkv});
-        continue;
+      const int count = (kv_len - 1) / kSplit - first / kSplit + 1;
+      for (int i = 0, lo = first; lo < kv_len; ++i) {
+        const int hi = std::min(kv_len, (lo / kSplit + 1) * kSplit);
+        tasks.push_back({b, 0, p.Hkv, 0, 1, lo, hi, count > 1 ? num_partial + i : -1, int64_t(hi - lo) * p.Hkv});
+        lo = hi;
       }
-      const int chunk = (kv_len - first + splits - 1) / splits;
-      int count = 0;
-      for (int lo = first; lo < kv_len; lo += chunk, ++count) {
-        const int hi = std::min(kv_len, lo + chunk);
-        tasks.push_back({b, 0, p.Hkv, 0, 1, lo, hi, num_partial + count, int64_t(hi - lo) * p.Hkv});
+      if (count > 1) {
+        merges.push_back({b, num_partial, count});
+        num_partial += count;
       }
-      merges.push_back({b, num_partial, count});
-      num_partial += count;
       continue;
     }
     const int prefix = kv_len - qlen;
@@ -277,7 +322,7 @@ void run(const Problem& p, int batch, const T* q, const T* kc, const T* vc, T* o
   std::atomic<int> next{0};
   const int workers = std::min<int>(nthreads, int(tasks.size()));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    Scratch<T> sc(max_rows, p.D, p.Hkv);
+    Scratch<T>& sc = Scratch<T>::for_thread(max_rows, p.D, p.Hkv);
     for (int i = next.fetch_add(1); i < int(tasks.size()); i = next.fetch_add(1))
       run_task(p, tasks[i], q, kc, vc, out, partial.data(), sc);
   });

@@ -37,6 +37,7 @@ from radixrt.request import Req
 from radixrt.sampling_params import SamplingParams
 from radixrt.sampling_spec import accepted_run, rejection_sample
 from radixrt.scheduler.scheduler import Scheduler
+from radixrt.worker.draft_length import TOKEN_COST, Acceptance, StepTimes, draft_length
 from radixrt.worker.speculative import Speculator
 from radixrt.worker.text_lookup import TextLookup
 
@@ -292,6 +293,55 @@ def test_text_lookup_needs_a_word_start_or_three_characters(tokenizer):
     # two characters inside a word are too few to trust; text found nowhere drafts nothing
     assert lookup.propose(prompt + ids(" xyzda"), 4) == []
     assert lookup.propose(prompt + ids(" nothing like it"), 4) == []
+
+
+# ----- how many drafts ------------------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(1e-3, 0.05), st.floats(0.0, 3.0), st.lists(st.integers(1, 200), min_size=2, max_size=60, unique=True))
+def test_step_times_fit_the_forwards_timed(t0, ratio, tokens):
+    """Forwards of several sizes on a line t0 + t1 N: the fit finds it (the prior's pull is small next to
+    the data once N spreads over more than a few tokens); beta is that line's cost of a draft per request."""
+    t1 = ratio * t0
+    times = StepTimes()
+    for n in (tokens * 60)[:120]:
+        times.observe(n, t0 + t1 * n)
+    if max(tokens) - min(tokens) < 8:
+        return
+    for n in tokens:
+        assert times.seconds(n) == pytest.approx(t0 + t1 * n, rel=0.15)  # the prior pulls a steep line a little
+    fit0, fit1 = times.line()
+    assert times.beta(8, 8) == pytest.approx(fit1 * 8 / (fit0 + fit1 * 8))
+
+
+def test_step_times_keep_the_prior_ratio_until_drafts_spread_the_tokens():
+    times = StepTimes()
+    assert times.beta(8, 8) == pytest.approx(TOKEN_COST * 8 / (1 + TOKEN_COST * 8))  # nothing timed yet
+    for _ in range(100):
+        times.observe(8, 0.010)  # plain decode steps of batch 8 only: the slope is not in the data
+    t0, t1 = times.line()
+    assert t0 + 8 * t1 == pytest.approx(0.010) and t1 / t0 == pytest.approx(TOKEN_COST)
+    for _ in range(100):  # verify steps show that 8 more tokens cost 7 ms: a draft per request is dear now
+        times.observe(8, 0.010)
+        times.observe(16, 0.017)
+    assert times.seconds(16) == pytest.approx(0.017, rel=0.01)
+    assert times.beta(8, 8) == pytest.approx(0.7, rel=0.02)
+
+
+def test_draft_length_weighs_acceptance_against_cost():
+    sure, unsure = Acceptance(kept=19, rejected=1), Acceptance(kept=1, rejected=2)
+    assert draft_length(sure, 8, beta=0.15) >= 5
+    assert draft_length(sure, 8, beta=0.15, gamma=0.5) < draft_length(sure, 8, beta=0.15)
+    assert draft_length(sure, 3, beta=0.15) == 3  # never more than the drafts on offer
+    assert draft_length(Acceptance(kept=2, rejected=1), 8, beta=0.7) == 0  # at batch 8 a 0.67 rate does not pay
+    # a request that does not pay probes with one draft now and then, the rarer the dearer a draft (not a
+    # draft model: probe=False)
+    assert [draft_length(unsure, 8, beta=0.7) for _ in range(140)].count(1) == 2
+    rare = Acceptance(kept=1, rejected=6)
+    assert [draft_length(rare, 8, beta=0.16) for _ in range(32)] == ([0] * 15 + [1]) * 2
+    assert draft_length(unsure, 8, beta=0.7, probe=False) == 0
+    assert draft_length(unsure, 8, beta=0.15) == 1  # at batch 1 even a third of drafts kept pays for one
 
 
 # ----- the radix cache's continuation lookup --------------------------------------------------------

@@ -27,7 +27,7 @@ from radixrt.model.config import ModelConfig
 from radixrt.request import Req
 from radixrt.sampling_spec import accepted_run, rejection_sample, replay_noise
 from radixrt.scheduler.scheduler import Scheduler
-from radixrt.worker.draft_length import Acceptance, draft_length, step_cost
+from radixrt.worker.draft_length import Acceptance, StepTimes, draft_length
 from radixrt.worker.draft_model import DraftModel
 from radixrt.worker.grammar import RequestGrammars
 from radixrt.worker.ngram import NgramIndex
@@ -39,7 +39,6 @@ CACHE_WINDOW = 4
 # a 1-token match in JSON is a guess, a 6-token match in a quoted passage nearly always right.
 LONGEST_BUCKET = 4
 TEXT_BUCKET = -1  # the acceptance of drafts found by characters (text_lookup.py)
-TIME_DECAY = 0.9  # weight of the past in the target step's measured time
 
 
 @dataclass
@@ -91,8 +90,7 @@ class Speculator:
         self.from_cache = config.speculative_ngram_from_cache and draft is None
         self.states: dict[Req, _ReqState] = {}
         self.totals = SpecCounts()
-        self.target_seconds = 0.0  # one plain decode step of the target, decaying average (for gamma)
-        self._step_factor = 1.0  # this step's expected cost relative to a plain decode step (C(k) of its drafts)
+        self.step_times = StepTimes()  # the target's forward time by the step's tokens (beta, gamma)
         self._planned: dict[Req, Acceptance] = {}  # this step's requests with pages for drafts, and what they learn
         self._dists: dict[Req, torch.Tensor] = {}  # this step's draft-model distributions of sampled requests
 
@@ -103,21 +101,20 @@ class Speculator:
         drafts: list[list[int]] = [[] for _ in reqs]
         self._planned.clear()
         self._dists.clear()
-        self._step_factor = 1.0
         decode = [i for i, (r, n) in enumerate(zip(reqs, num_new)) if n == 1 and r.output_ids and not r.is_prefilling]
         for i in decode:
             self._state(reqs[i]).counts.verify_ct += 1
         self.totals.verify_ct += len(decode)
         if not decode or len(decode) > self.max_batch:
             return drafts
-        beta = step_cost(len(decode), sum(num_new))
+        beta = self.step_times.beta(len(decode), sum(num_new))
         if self.draft is None:
             for i in decode:
                 drafts[i] = self._lookup_drafts(reqs[i], beta)
         else:
-            gamma = self.draft.step_seconds / self.target_seconds if self.target_seconds else 0.0
+            plain = self.step_times.seconds(sum(num_new))
+            gamma = self.draft.step_seconds / plain if plain > 0 else 0.0
             self._model_drafts(reqs, decode, beta, gamma, drafts)
-        self._step_factor = 1 + beta * sum(map(len, drafts)) / len(decode)
         return drafts
 
     def _lookup_drafts(self, req: Req, beta: float) -> list[int]:
@@ -182,11 +179,9 @@ class Speculator:
         if self.draft is not None:
             self.draft.prefill(reqs, num_new)
 
-    def observe_target(self, seconds: float) -> None:
-        """How long the target's forward took in a step without prefill: a draft model's cost is relative to
-        a plain decode step, so a verify step's time is scaled back by what its drafts were expected to add."""
-        seconds /= self._step_factor
-        self.target_seconds = TIME_DECAY * (self.target_seconds or seconds) + (1 - TIME_DECAY) * seconds
+    def observe_target(self, tokens: int, seconds: float) -> None:
+        """How long the target's forward of `tokens` tokens (drafts included) took, in a step without prefill."""
+        self.step_times.observe(tokens, seconds)
 
     # ----- after the forward -------------------------------------------------------------
 

@@ -167,7 +167,7 @@ class Worker:
         logits = self.runner.run(step)
         if self.speculator:
             if all(n == 1 for n in scheduled.num_new):
-                self.speculator.observe_target(time.perf_counter() - start)
+                self.speculator.observe_target(sum(num_new), time.perf_counter() - start)
             self.speculator.prefilled(scheduled.reqs, scheduled.num_new)
         for req, n in zip(scheduled.reqs, scheduled.num_new):
             req.num_computed += n  # drafts' K/V counts once verification keeps them (Speculator.commit)
