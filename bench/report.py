@@ -681,7 +681,8 @@ def scaleout() -> list[str]:
     out += [
         "`radixrt serve --dp 2` (two 1-thread replicas behind sglang-router) with the router's `cache_aware` "
         "policy against `round_robin`, and one replica with both threads (`dp=1`), each a fresh server, on "
-        f"`bench/serve.py`'s multi-turn chat and few-shot workloads: {dp['concurrency']} clients, "
+        "`bench/serve.py`'s multi-turn chat, agent sessions (a system prompt per session) and few-shot workloads: "
+        f"{dp['concurrency']} clients, "
         f"{dp['max_tokens']} output tokens per request, streamed; load average {dp['load_average'][0]:.1f}. "
         "Hit rate: the share of prompt tokens the replicas found in their caches."
         + (
@@ -905,16 +906,17 @@ def headline_rows() -> list[dict]:
     dp = so.get("dp") if so else None
     if dp and not dp.get("quick"):
         by = {(x["workload"], x["setup"]): x for x in dp["rows"]}
-        aware, rr = by.get(("multi-turn-chat", "dp=2 cache_aware")), by.get(("multi-turn-chat", "dp=2 round_robin"))
-        if aware and rr:
-            rows.append(
-                {
-                    "what": f"multi-turn chat, 2 replicas behind sglang-router, {dp['concurrency']} clients",
-                    "radixrt": f"cache_aware: hit rate {aware['hit rate']:.0%}, {aware['output tok/s']:.0f} tok/s",
-                    "baseline (same run)": f"round_robin: hit rate {rr['hit rate']:.0%}, "
-                    f"{rr['output tok/s']:.0f} tok/s",
-                }
-            )
+        for workload, name in (("multi-turn-chat", "multi-turn chat"), ("agent-sessions", "agent sessions")):
+            aware, rr = by.get((workload, "dp=2 cache_aware")), by.get((workload, "dp=2 round_robin"))
+            if aware and rr:
+                rows.append(
+                    {
+                        "what": f"{name}, 2 replicas behind sglang-router, {dp['concurrency']} clients",
+                        "radixrt": f"cache_aware: hit rate {aware['hit rate']:.0%}, {aware['output tok/s']:.0f} tok/s",
+                        "baseline (same run)": f"round_robin: hit rate {rr['hit rate']:.0%}, "
+                        f"{rr['output tok/s']:.0f} tok/s",
+                    }
+                )
     sp = load("speculative")
     if sp:
         at = {(x["workload"], x["config"]): x for x in sp["rows"] if x["batch"] == 1}

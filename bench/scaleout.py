@@ -13,11 +13,12 @@ On a CPU the ranks share one memory bus, and each step adds 2 + 2 x layers + 1 c
 loopback gloo: this measures the plumbing, not a speed-up (that needs one GPU per rank).
 
 `dp`: `radixrt serve --dp 2` (two replicas, one thread each, behind sglang-router) with the router's
-`cache_aware` policy against `round_robin`, and against one replica with both threads (`--dp 1`), on
-bench/serve.py's multi-turn chat and few-shot workloads and load generator (streamed requests, fixed
-output length). The hit rate is the share of prompt tokens the replicas found in their caches: each
-replica has its own, so it is the router's policy that decides whether a conversation's next turn
-finds its history. Each setup is a fresh server on the default model (`--model` for another).
+`cache_aware` policy against `round_robin`, and against one replica with both threads (`--dp 1`),
+on bench/serve.py's multi-turn chat, agent sessions and few-shot workloads and load generator
+(streamed requests, fixed output length). The hit rate is the share of prompt tokens the replicas
+found in their caches: each replica has its own, so it is the router's policy that decides whether
+a conversation's next turn finds its history. Each setup is a fresh server on the default model
+(`--model` for another).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ DP_SETUPS = {  # name -> `radixrt serve` flags; every setup gets the same --thre
     "dp=2 round_robin": ["--dp", "2", "--router-policy", "round_robin"],
     "dp=1": [],
 }
-DP_WORKLOADS = ("multi-turn-chat", "few-shot")
+DP_WORKLOADS = ("multi-turn-chat", "agent-sessions", "few-shot")
 DP_COLUMNS = ["workload", "setup", "requests", "hit rate", "output tok/s", "TTFT p50 ms", "TTFT p99 ms"]
 
 
@@ -182,9 +183,10 @@ def dp_section(args) -> list[dict]:
                   "hit rate": r["cached_frac"], "output tok/s": r["output_tok_s"],
                   "TTFT p50 ms": r["ttft_p50_ms"], "TTFT p99 ms": r["ttft_p99_ms"]} for r in summaries]  # fmt: skip
     hit = {(r["workload"], r["setup"]): 100 * r["hit rate"] for r in rows}
-    aware, rr, one = (hit["multi-turn-chat", s] for s in DP_SETUPS)
-    print(f"multi-turn hit rate: cache_aware {aware:.1f}% vs round_robin {rr:.1f}% ({aware - rr:+.1f} points; "
-          f"target >= +20) and dp=1 {one:.1f}% ({aware - one:+.1f} points; target within 5)")  # fmt: skip
+    for workload in ("multi-turn-chat", "agent-sessions"):
+        aware, rr, one = (hit[workload, s] for s in DP_SETUPS)
+        print(f"{workload} hit rate: cache_aware {aware:.1f}% vs round_robin {rr:.1f}% ({aware - rr:+.1f} points; "
+              f"target >= +20) and dp=1 {one:.1f}% ({aware - one:+.1f} points; target within 5)")  # fmt: skip
     return rows
 
 

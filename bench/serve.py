@@ -7,9 +7,11 @@ the same workload in the same run, and optionally a peer server (llama.cpp) side
 
 Workloads: multi-turn chat (conversations behind one shared system prompt; a conversation's
 next turn carries its history, and conversations interleave across the concurrent clients),
-shared-prefix few-shot (one long prefix, many questions), independent prompts. Every request
-streams, so TTFT and inter-token latency are measured the same way on every target; outputs
-are a fixed length (ignore_eos) so throughput compares like with like.
+agent sessions (the same, but every session has its own system prompt, as agents with their own
+instructions and tools do: only a session's own history is there to reuse), shared-prefix
+few-shot (one long prefix, many questions), independent prompts. Every request streams, so TTFT
+and inter-token latency are measured the same way on every target; outputs are a fixed length
+(ignore_eos) so throughput compares like with like.
 Reports output tokens/s, TTFT p50/p99, ITL p50/p99; a table to stdout, JSON to bench/results/serve.json.
 """
 
@@ -61,6 +63,10 @@ def workload(name: str, rng: random.Random, quick: bool) -> list[Session]:
     if name == "multi-turn-chat":
         system = f"You are a helpful assistant. Follow these house rules: {text(rng, int(200 * s) + 20)}."
         return [Session(system, [f"Tell me about {text(rng, 12)}." for _ in range(4)]) for _ in range(int(16 * s) or 4)]
+    if name == "agent-sessions":  # each agent has its own instructions and tools: nothing shared across sessions
+        count = int(16 * s) or 4
+        systems = [f"You are agent {i}. Your tools and notes: {text(rng, int(200 * s) + 20)}." for i in range(count)]
+        return [Session(system, [f"Next step: {text(rng, 12)}." for _ in range(4)]) for system in systems]
     if name == "few-shot":
         shots = "".join(f"Q: {text(rng, 10)}?\nA: {text(rng, 16)}.\n\n" for _ in range(int(24 * s) + 2))
         return [Session(None, [f"{shots}Q: {text(rng, 10)}?\nA:"]) for _ in range(int(32 * s) or 8)]
@@ -69,7 +75,7 @@ def workload(name: str, rng: random.Random, quick: bool) -> list[Session]:
     raise ValueError(name)
 
 
-WORKLOADS = ("multi-turn-chat", "few-shot", "independent")
+WORKLOADS = ("multi-turn-chat", "agent-sessions", "few-shot", "independent")
 
 
 @dataclass
