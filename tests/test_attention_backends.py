@@ -104,7 +104,7 @@ def test_native_long_decode_splits_only_the_window(ops):
     check_parity(NativeAttention(ops), case, LayerAttention(scale=0.125, sliding_window=600))
 
 
-def _attend(ops, q, k_cache, v_cache, requests, page_size, window_left=-1):
+def _attend(ops, q, k_cache, v_cache, requests, page_size, window_left=-1, simd=True):
     """ops.paged_attention over requests given as (pages, keys, new tokens); q holds their new tokens' rows."""
     qo, kv, indices = [0], [0], []
     for pages, keys, new in requests:
@@ -113,17 +113,18 @@ def _attend(ops, q, k_cache, v_cache, requests, page_size, window_left=-1):
     out = torch.empty_like(q)
     i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
     ops.paged_attention(q, k_cache, v_cache, i32(qo), i32(kv), i32(indices), i32([k for _, k, _ in requests]), out,
-                        0.125, True, window_left, 0.0)  # fmt: skip
+                        0.125, simd, window_left, 0.0)  # fmt: skip
     return out
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.integers(1, 1100), st.integers(2, 9), st.integers(0, 4), st.sampled_from([-1, 200]),
-       st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 99))  # fmt: skip
-def test_native_query_result_depends_on_its_keys_alone(ops, prefix, new, others, window_left, dtype, seed):
+       st.sampled_from([torch.float32, torch.bfloat16]), st.booleans(), st.integers(0, 99))  # fmt: skip
+def test_native_query_result_depends_on_its_keys_alone(ops, prefix, new, others, window_left, dtype, simd, seed):
     """A query's output is the same to the bit whether it is a decode query alone, one of several new
-    tokens (a speculative verify step), batched with other requests, or run on one thread: what lets
-    speculation and --enable-deterministic-inference promise outputs equal to plain decoding."""
+    tokens (a speculative verify step), batched with other requests, or run on one thread, on the vector
+    path and the portable one: what lets speculation and --enable-deterministic-inference promise outputs
+    equal to plain decoding."""
     gen = torch.Generator().manual_seed(seed)
     page_size, heads, kv_heads, D = 16, 9, 3, 64
     pages_per_request = -(-(prefix + new) // page_size)
@@ -132,15 +133,15 @@ def test_native_query_result_depends_on_its_keys_alone(ops, prefix, new, others,
     order = torch.randperm(num_pages, generator=gen).tolist()
     tables = [order[i * pages_per_request : (i + 1) * pages_per_request] for i in range(others + 1)]
     q = torch.randn(new, heads, D, generator=gen).to(dtype)
-    verify = _attend(ops, q, k_cache, v_cache, [(tables[0], prefix + new, new)], page_size, window_left)
+    verify = _attend(ops, q, k_cache, v_cache, [(tables[0], prefix + new, new)], page_size, window_left, simd)
     threads = torch.get_num_threads()
     for i in range(new):  # each new token as a decode query, among `others` decoding requests
         rows = torch.cat([q[i : i + 1], torch.randn(others, heads, D, generator=gen).to(dtype)])
         batch = [(tables[0], prefix + i + 1, 1)] + [(t, max(1, prefix + new - j), 1) for j, t in enumerate(tables[1:])]
-        assert torch.equal(_attend(ops, rows, k_cache, v_cache, batch, page_size, window_left)[0], verify[i])
+        assert torch.equal(_attend(ops, rows, k_cache, v_cache, batch, page_size, window_left, simd)[0], verify[i])
     try:
         torch.set_num_threads(1)
-        alone = _attend(ops, q[-1:], k_cache, v_cache, [(tables[0], prefix + new, 1)], page_size, window_left)
+        alone = _attend(ops, q[-1:], k_cache, v_cache, [(tables[0], prefix + new, 1)], page_size, window_left, simd)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(alone[0], verify[-1])
