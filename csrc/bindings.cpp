@@ -14,6 +14,9 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias, int64_t n,
                         int64_t bits, int64_t group_size, int64_t dequantize_min_rows, bool simd);
+at::Tensor quant_rows(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
+                      int64_t n, int64_t K, int64_t bits, int64_t group_size, const at::Tensor& rows,
+                      at::ScalarType dtype);
 bool quant_has_simd();
 at::Tensor argmax_rows(const at::Tensor& logits, bool simd);
 }  // namespace radixrt
@@ -30,6 +33,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("bias"), py::arg("n"),
         py::arg("bits"), py::arg("group_size"), py::arg("dequantize_min_rows"), py::arg("simd") = true,
         py::call_guard<py::gil_scoped_release>());
+  m.def("quant_rows", &radixrt::quant_rows, "rows of a packed int4/int8 weight as floats (an embedding lookup)",
+        py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("n"), py::arg("k"), py::arg("bits"),
+        py::arg("group_size"), py::arg("rows"), py::arg("dtype"), py::call_guard<py::gil_scoped_release>());
   m.attr("quant_has_simd") = radixrt::quant_has_simd();
   m.def("argmax_rows", &radixrt::argmax_rows, "[B] first index of each row's largest value (csrc/argmax.cpp)",
         py::arg("logits"), py::arg("simd") = true, py::call_guard<py::gil_scoped_release>());

@@ -27,6 +27,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
@@ -428,7 +429,47 @@ at::Tensor dequantize_matmul(const at::Tensor& x, const at::Tensor& qweight, con
   return out;
 }
 
+// Row `n` of the float weight into `out` [K]: w = s * q + o in float32, the product rounded before the
+// sum as QuantizedTensor.dequantize rounds it (the volatile stops a compiler from fusing the two into
+// one FMA, which rounds once: with float32 scales the product is not exact).
+template <typename S, typename T>
+void dequantize_row(const QuantProblem& p, int64_t n, T* out) {
+  const uint8_t* qw = p.qweight + (n / kLanes) * p.block_bytes;
+  const int j = int(n % kLanes);
+  for (int64_t k = 0; k < p.K; ++k) {
+    const int64_t at = ((n / kLanes) * p.groups + k / p.G) * kLanes + j;
+    volatile float product = to_f32(static_cast<const S*>(p.scales)[at]) * float(quant_value(p, qw, k, j));
+    float v = product;
+    if (p.offsets) v += to_f32(static_cast<const S*>(p.offsets)[at]);
+    out[k] = static_cast<T>(v);
+  }
+}
+
 }  // namespace
+
+at::Tensor quant_rows(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
+                      int64_t n, int64_t K, int64_t bits, int64_t group_size, const at::Tensor& rows,
+                      at::ScalarType dtype) {
+  const QuantProblem p = weight_problem(qweight, scales, offsets, n, K, bits, group_size);
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.device().is_cpu(), "rows must be a CPU int64 tensor");
+  const at::Tensor ids = rows.contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i) TORCH_CHECK(id[i] >= 0 && id[i] < n, "row ", id[i], " is out of range");
+  std::vector<int64_t> sizes = ids.sizes().vec();
+  sizes.push_back(K);
+  at::Tensor out = at::empty(sizes, qweight.options().dtype(dtype));
+  const bool half = scales.scalar_type() == at::kHalf;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "quant_rows", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, ids.numel(), 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        if (half) dequantize_row<c10::Half>(p, id[i], o + i * K);
+        else dequantize_row<float>(p, id[i], o + i * K);
+      }
+    });
+  });
+  return out;
+}
 
 bool quant_has_simd() { return RADIXRT_HAVE_BF16_DOT; }
 

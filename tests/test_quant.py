@@ -15,6 +15,7 @@ import itertools
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -109,13 +110,21 @@ def test_constant_group_quantizes_exactly():
 
 @needs_native
 @pytest.mark.parametrize("n,k", ODD_SHAPES + MODEL_SHAPES[:2])
-@pytest.mark.parametrize("fmt", ["int4", "int8", "int8-g16-fp32"])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "int8-g16-fp32", "int4-fp32"])
 def test_packing_is_lossless(n, k, fmt):
+    """Rows read back from the packed layout (an embedding lookup: the native kernel, and the torch
+    unpacking for builds without it) are the bits QuantizedTensor.dequantize gives, in every dtype."""
     qt = formats(random_weight(n, k, 1))[fmt]
     lin = QuantLinear(qt, backend="native")
     assert torch.equal(lin.dequantize(), qt.dequantize())
-    rows = torch.tensor([0, n - 1, n // 2, 7 % n])
-    assert torch.equal(lin.dequantize_rows(rows, torch.float32), qt.dequantize()[rows])
+    rows = torch.tensor([[0, n - 1], [n // 2, 7 % n]])
+    for backend in ("native", "torch"):
+        lin.backend = backend
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert torch.equal(lin.dequantize_rows(rows, dtype), qt.dequantize(dtype)[rows]), (backend, dtype)
+    with pytest.raises(RuntimeError, match="out of range"):
+        lin.backend = "native"
+        lin.dequantize_rows(torch.tensor([n]), torch.float32)
 
 
 def formats(w: torch.Tensor) -> dict[str, QuantizedTensor]:
@@ -124,6 +133,9 @@ def formats(w: torch.Tensor) -> dict[str, QuantizedTensor]:
         "int4": quantize_int4(w, 32),
         "int8": quantize_int8(w),
         "int8-g16-fp32": quantize_int4(w, 32).with_format(8, 16, torch.float32),
+        # Q4_K's form: float32 scales and offsets of full precision (products not exact in float32)
+        "int4-fp32": replace(q4 := quantize_int4(w, 32), scales=q4.scales.float() * 1.000123,
+                             offsets=q4.offsets.float() * 0.999877),
     }
 
 

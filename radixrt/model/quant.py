@@ -278,7 +278,12 @@ class QuantLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def dequantize_rows(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows of the float weight (an embedding lookup into a tied LM head)."""
+        """Rows of the float weight (an embedding lookup into a tied LM head): one native call, as
+        ~15 torch ops on a handful of rows cost 0.2 ms of a 4 ms batch-1 step."""
+        if self.backend == "native":
+            return _native_ops().quant_rows(
+                *self._kernel_weight(), self.out_features, self.in_features, self.bits, self.group_size, rows, dtype
+            )
         q, scales, offsets = unpack_rows(self.qweight, self.scales, self.offsets, self.bits, rows.reshape(-1))
         part = QuantizedTensor(q, scales, offsets, self.bits, self.group_size)
         return part.dequantize(dtype).view(*rows.shape, self.in_features)
