@@ -586,7 +586,46 @@ def speculative() -> list[str]:
 
         suffix = "" if a["dtype"] == "auto" else f"_{a['dtype']}"
         out += [figure("speculative" + suffix, draw), ""]
-    return out
+    return out + speculative_paired()
+
+
+def speculative_paired() -> list[str]:
+    r = load("speculative_paired")
+    out = ["### On against off, paired (`--paired`)", ""]
+    if not r:
+        return out + missing("speculative.py --paired")
+    out += [
+        machine_line(r, "bfloat16 (auto on this CPU)"),
+        "",
+        "Two workers in one process, the defaults with and without n-gram drafts, run the same requests from an "
+        "empty cache round after round in ABBA order; each round gives one ratio of decode tok/s (ngram / off), "
+        "reported as the median over the rounds with a bootstrap 95% interval of that median. This answers "
+        "what best-of-a-few rounds cannot on a machine whose speed wanders 10-25% within the hour: is a workload "
+        "faster or slower with drafts, and by how much. At most 256 new tokens per request.",
+        "",
+    ]
+    rows = [
+        {
+            "workload": x["workload"], "batch": x["batch"], "rounds": x["rounds"], "off tok/s": x["off_tok_s"],
+            "ngram tok/s": x["ngram_tok_s"], "ngram / off": f"{x['ratio']:.2f}x",
+            "95% interval": f"{x['ci95_low']:.2f}-{x['ci95_high']:.2f}", "identical": x["identical"],
+        }  # fmt: skip
+        for x in r["rows"]
+    ]
+    out += [table(rows, list(rows[0])), ""]
+
+    def draw(ax, xs=r["rows"]):
+        labels = [f"{x['workload']} b{x['batch']}" for x in xs]
+        mid = [x["ratio"] for x in xs]
+        err = [[m - x["ci95_low"] for m, x in zip(mid, xs)], [x["ci95_high"] - m for m, x in zip(mid, xs)]]
+        ax.bar(labels, mid, yerr=err, capsize=3, color="#2b7bba")
+        ax.axhline(1, color="grey", linewidth=0.8)
+        ax.axhline(0.95, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_ylabel("ngram / off (median, 95%)")
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_title("N-gram drafts against none, paired rounds in one process", fontsize=10)
+
+    return out + [figure("speculative_paired", draw), ""]
 
 
 def kv_tiers() -> list[str]:

@@ -4,6 +4,7 @@
     python bench/speculative.py                                 # batches 1, 8, 32; n-gram, n-gram + cache, draft model
     python bench/speculative.py --dtype float32 --quick         # float32 compute
     python bench/speculative.py --measure-cost                  # the forward's cost per token (draft_length.py)
+    python bench/speculative.py --paired --workloads free       # on vs off, 12 alternating rounds in one process
 
 Workloads (the default model, greedy, each request ends at EOS or --max-new-tokens):
   (a) json:    extract a hotel's details from a passage as JSON under a JSON schema (keys come from the
@@ -22,6 +23,12 @@ weights a row's logits do not depend on the other rows of a decode or verify ste
 so they must all be equal; torch's bf16 GEMM (bf16 weights) rounds a multi-row forward differently from
 a one-row one, so there outputs can part after a near-tie. Configurations alternate, best of --repeats
 rounds each; one engine at a time, as a user runs one.
+
+--paired asks a narrower question with more precision: is a workload faster or slower with n-gram drafts
+(the control: within 5%?). The best of a few rounds cannot tell 5% on a machine whose speed wanders 10-25%
+from hour to hour, so two workers (off and ngram, the defaults otherwise) share this process and its
+thread, and run the same requests round after round in ABBA order; each round gives one ratio, and the
+report is their median with a bootstrap 95% interval.
 """
 
 from __future__ import annotations
@@ -161,9 +168,13 @@ def main() -> None:
         "batch size (without it, how concurrent prompts share prefill chunks changes bf16 rounding run to run)",
     )
     parser.add_argument("--measure-cost", action="store_true", help="forward time vs tokens per step, then exit")
+    parser.add_argument("--paired", action="store_true", help="ngram / off speed ratio over --rounds, then exit")
+    parser.add_argument("--rounds", type=int, default=12, help="rounds of --paired")
     args = parser.parse_args()
     if args.measure_cost:
         return measure_cost()
+    if args.paired:
+        return paired(args)
     if args.quick:
         args.batches, args.max_new_tokens, args.repeats = "1", 96, 2
         args.configs = "off,ngram" if args.configs == parser.get_default("configs") else args.configs
@@ -212,6 +223,71 @@ def report(results: dict, workload: str, batch: int, names: dict) -> None:
             f"accept {s['accept_rate']:.0%}  length {s['accept_length']:.2f}  identical {s['identical']}",
             flush=True,
         )
+
+
+def paired(args) -> None:
+    """ngram / off decode tok/s, round by round in ABBA order, per workload and batch (see the docstring)."""
+    import numpy as np
+
+    from radixrt import ipc
+    from radixrt.config import EngineConfig
+    from radixrt.frontend.chat_template import render_chat
+    from radixrt.model.loader import load_tokenizer
+    from radixrt.sampling_params import SamplingParams
+    from radixrt.worker.worker import Worker
+
+    base = {"dtype": args.dtype, "kv_memory_gb": 1.0}
+    workers = {"off": Worker(EngineConfig(**base)),
+               "ngram": Worker(EngineConfig(**base, speculative_algorithm="NGRAM"))}  # fmt: skip
+    tokenizer = load_tokenizer(workers["off"].model_dir)
+    rows, rng = [], np.random.default_rng(0)
+    for workload in args.workloads.split(","):
+        chat, extra = WORKLOADS[workload]
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0, **extra)
+        for batch in map(int, args.batches.split(",")):
+            chats = [render_chat(tokenizer, chat(i)) for i in range(batch)]
+            prompts = [tokenizer.encode(c, add_special_tokens=False) for c in chats]
+            speeds: dict[str, list[float]] = {"off": [], "ngram": []}
+            outputs: dict[str, list] = {}
+            for r in tqdm(range(args.rounds), desc=f"{workload} batch {batch}"):
+                for name in ("off", "ngram") if r % 2 == 0 else ("ngram", "off"):
+                    tok_s, outputs[name] = _step_through(workers[name], prompts, params, ipc)
+                    speeds[name].append(tok_s)
+            ratios = np.array(speeds["ngram"]) / np.array(speeds["off"])
+            medians = np.median(rng.choice(ratios, (2000, len(ratios))), axis=1)
+            low, high = np.percentile(medians, [2.5, 97.5])
+            same = sum(a == b for a, b in zip(outputs["off"], outputs["ngram"]))
+            rows.append({"workload": workload, "batch": batch, "rounds": args.rounds,
+                         "off_tok_s": float(np.median(speeds["off"])), "ngram_tok_s": float(np.median(speeds["ngram"])),
+                         "ratio": float(np.median(ratios)), "ci95_low": float(low), "ci95_high": float(high),
+                         "ratios": [round(float(x), 4) for x in ratios],
+                         "identical": f"{same}/{batch}"})  # fmt: skip
+            print(f"{workload} batch {batch}: ngram/off {rows[-1]['ratio']:.3f} (95% {low:.3f}-{high:.3f})", flush=True)
+    for w in workers.values():
+        w.close()
+    print(table(rows, ["workload", "batch", "rounds", "off_tok_s", "ngram_tok_s", "ratio", "ci95_low", "ci95_high",
+                       "identical"]))  # fmt: skip
+    save("speculative_paired", {"args": vars(args), "rows": rows})
+
+
+def _step_through(worker, prompts: list[list[int]], params, ipc) -> tuple[float, list[list[int]]]:
+    """Run the requests on the worker from an empty cache: (decode tok/s from the moment every request has
+    its first token to the last token, as `run` measures it; the outputs)."""
+    worker.handle(ipc.FlushCacheReq())
+    ids = {f"r{i}": [] for i in range(len(prompts))}
+    stamps: list[tuple[float, int]] = []  # (when, how many tokens) of each output
+    first: dict[str, float] = {}
+    for rid, prompt in zip(ids, prompts):
+        worker.handle(ipc.GenerateReq(rid, prompt, params))
+    while worker.has_work():
+        for out in worker.step():
+            now = time.perf_counter()
+            if out.new_token_ids:
+                first.setdefault(out.rid, now)
+                ids[out.rid] += out.new_token_ids
+                stamps.append((now, len(out.new_token_ids)))
+    start, end = max(first.values()), stamps[-1][0]
+    return sum(n for t, n in stamps if t > start) / (end - start), list(ids.values())
 
 
 def measure_cost() -> None:
