@@ -451,8 +451,8 @@ at::Tensor quant_rows(const at::Tensor& qweight, const at::Tensor& scales, const
                       int64_t n, int64_t K, int64_t bits, int64_t group_size, const at::Tensor& rows,
                       at::ScalarType dtype) {
   const QuantProblem p = weight_problem(qweight, scales, offsets, n, K, bits, group_size);
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.device().is_cpu(), "rows must be a CPU int64 tensor");
-  const at::Tensor ids = rows.contiguous();
+  TORCH_CHECK(!at::isFloatingType(rows.scalar_type()) && rows.device().is_cpu(), "rows must be CPU integers");
+  const at::Tensor ids = rows.to(at::kLong).contiguous();
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t i = 0; i < ids.numel(); ++i) TORCH_CHECK(id[i] >= 0 && id[i] < n, "row ", id[i], " is out of range");
   std::vector<int64_t> sizes = ids.sizes().vec();

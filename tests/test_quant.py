@@ -122,6 +122,7 @@ def test_packing_is_lossless(n, k, fmt):
         lin.backend = backend
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             assert torch.equal(lin.dequantize_rows(rows, dtype), qt.dequantize(dtype)[rows]), (backend, dtype)
+    assert torch.equal(lin.dequantize_rows(rows.int(), torch.float32), qt.dequantize()[rows])  # as nn.Embedding takes
     with pytest.raises(RuntimeError, match="out of range"):
         lin.backend = "native"
         lin.dequantize_rows(torch.tensor([n]), torch.float32)
