@@ -1107,6 +1107,13 @@ def render() -> Path:
         "is compared with a baseline measured in the same run on the same machine; figures state the machine,",
         "model and dtype. Our machines are shared 2-core CPUs: absolute numbers move with load, ratios less so.",
         "",
+        "A change worth a few percent is smaller than this machine's drift (10-25% within the hour, and 10-15%",
+        "within a process over seconds). To measure one, `python bench/ab.py --base COMMIT` runs the working tree",
+        "and the commit (its own checkout and kernel build) in alternating processes, ABBA, and reports the median",
+        "of the per-round time ratios with a bootstrap 95% interval (10 rounds resolve about 10%: processes of the",
+        "same code differ by up to 15%); a change that can be switched inside one process is measured far more",
+        "precisely there, as `bench/speculative.py --paired` does for speculation on and off.",
+        "",
         *LLAMA_CPP,
     ]
     for section in SECTIONS:
