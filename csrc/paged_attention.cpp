@@ -16,21 +16,24 @@
 // block's K/V rows are read from their pages once, in memory order, into a few KB of per-thread
 // scratch (no whole-sequence gather).
 //
-// Keys fall into splits of kSplit at fixed positions ([0, kSplit), [kSplit, 2 kSplit), ...). Each
-// split runs its own online softmax, and a query's splits are merged in order (merge_partial), so a
-// query's result depends on its keys alone: not on its batch, nor on whether it is a decode query
-// or one of several new tokens (a speculative verify step), nor on which thread ran what. (Splits
-// sized by the batch, as before, parted n-gram speculation's greedy output from plain decoding on
-// 1,300-token prompts.) Measured per layer, KV evicted from the caches as a step's weights evict it,
-// 9 heads / 3 KV heads of 64: a batch-1 decode over 450 keys 50 -> 37 us, over 1,000 keys 100 -> 59
-// us (both threads work); 32 requests over 500 keys 750 -> 764 us, over 1,500 keys 2.48 -> 2.60 ms
-// (the merges; splits of 128 cost those 5-10%).
+// Keys fall into splits at fixed positions ([0, S), [S, 2 S), ...), S = split_keys(the query's key
+// count): 64 up to kShortContext keys, 256 past it. Each split runs its own online softmax, and a
+// query's splits are merged in order (merge_partial), so a query's result depends on its keys alone:
+// not on its batch, nor on whether it is a decode query or one of several new tokens (a speculative
+// verify step), nor on which thread ran what. (Splits sized by the batch, as before, parted n-gram
+// speculation's greedy output from plain decoding on 1,300-token prompts.) Short splits give a
+// batch-1 decode over a short context work for both threads (per layer, 64-264 keys: 25.8 -> 20.8
+// us); long contexts keep 256, as 64 cost 32 requests over 1,600 keys 4-11% of a decoder call (the
+// merges). docs/kernels.md has the measurements.
 //
 // Work is split into tasks, handed out dynamically to torch's intra-op threads:
-//   - decode (one query): one task per request and split over all KV heads, so each key block
-//     reads whole contiguous page rows; a request's split results are merged afterwards
-//     (flash-decoding), so one long request keeps every thread busy.
-//   - prefill: one task per (request, KV head, block of kQBlock queries), its splits one by one.
+//   - decode (one query): one task per run of up to kMaxSplitsPerTask consecutive splits of a
+//     request, over all KV heads, so each key block reads whole contiguous page rows; every split's
+//     result has a slot of its own, and a request's slots are merged in order afterwards
+//     (flash-decoding): one long request keeps every thread busy, and a large batch runs fewer,
+//     longer tasks (which tasks there are never changes a result, only the splits do).
+//   - prefill: one task per (request, KV head, block of kQBlock queries of one split size), its
+//     splits one by one.
 // Within a task the G = H / H_kv query heads sharing a KV head are processed together, so every
 // key row fetched from memory serves G (decode) or G * kQBlock (prefill) queries.
 
@@ -53,14 +56,19 @@ namespace {
 
 constexpr int kBlock = 32;      // keys per online-softmax step
 constexpr int kQBlock = 16;     // prefill queries per task
-constexpr int kSplit = 256;     // keys per split (a multiple of kBlock); see below
+constexpr int kShortContext = 512;   // a query with at most this many keys splits them finely; see above
+constexpr int kMaxSplitsPerTask = 4;  // decode: splits one task may run (batches with many splits)
+
+// Keys per split of a query that sees keys [.., kv_len) (a multiple of kBlock).
+inline int split_keys(int kv_len) { return kv_len <= kShortContext ? 64 : 256; }
 
 struct Task {
   int b;
   int h0, h1;    // KV heads [h0, h1)
   int q0, q1;    // queries of b, 0-based within its new tokens
-  int kv0, kv1;  // keys [kv0, kv1) (one split of a decode request; else the whole range)
-  int partial;   // >= 0: index of the split's slot in the partial-result workspace
+  int kv0, kv1;  // keys [kv0, kv1) (some splits of a decode request; else the whole range)
+  int split;     // keys per split of the task's queries (split_keys)
+  int partial;   // >= 0: the slot of the task's first split in the partial-result workspace
   int64_t cost;
 };
 
@@ -177,8 +185,9 @@ void run_task(const Problem& p, const Task& t, const T* q, const T* kc, const T*
   const int kv_begin = std::max(t.kv0, first_key(p, prefix + t.q0));  // the first query's window start
   const int kv_end = std::min(t.kv1, prefix + t.q1);                  // the last query's causal limit
   const int64_t* base = sc.base.data();
-  for (int split = kv_begin / kSplit * kSplit; split < kv_end; split += kSplit) {
-    const int lo_key = std::max(kv_begin, split), hi_key = std::min(kv_end, split + kSplit);
+  int slot = t.partial;
+  for (int split = kv_begin / t.split * t.split; split < kv_end; split += t.split) {
+    const int lo_key = std::max(kv_begin, split), hi_key = std::min(kv_end, split + t.split);
     std::fill(sc.m.begin(), sc.m.begin() + rows, kNegInf);
     std::fill(sc.l.begin(), sc.l.begin() + rows, 0.f);
     std::fill(sc.acc.begin(), sc.acc.begin() + size_t(rows) * D, 0.f);
@@ -242,25 +251,28 @@ void run_task(const Problem& p, const Task& t, const T* q, const T* kc, const T*
         }
       }
     }
+    if (t.partial >= 0) {  // a decode request's split: its (m, l, acc) to its own slot, merged later
+      for (int r = 0; r < rows; ++r) {  // (rows = the heads of the one query, in head order)
+        float* dst = partial + (size_t(slot) * p.H + t.h0 * G + r) * (D + 2);
+        dst[0] = sc.m[r];
+        dst[1] = sc.l[r];
+        std::memcpy(dst + 2, sc.acc.data() + size_t(r) * D, sizeof(float) * D);
+      }
+      ++slot;
+      continue;
+    }
     for (int r = 0; r < rows; ++r)
       merge_partial(sc.run_m[r], sc.run_l[r], sc.run_acc.data() + size_t(r) * D, sc.m[r], sc.l[r],
                     sc.acc.data() + size_t(r) * D, D);
   }
+  if (t.partial >= 0) return;
 
   for (int hk = t.h0; hk < t.h1; ++hk)
     for (int qi = 0; qi < nq; ++qi)
       for (int g = 0; g < G; ++g) {
         const int r = ((hk - t.h0) * nq + qi) * G + g;
         const float* a = sc.run_acc.data() + size_t(r) * D;
-        const int head = hk * G + g;
-        if (t.partial >= 0) {  // one split of a decode request: keep (m, l, acc) for the merge
-          float* dst = partial + (size_t(t.partial) * p.H + head) * (D + 2);
-          dst[0] = sc.run_m[r];
-          dst[1] = sc.run_l[r];
-          std::memcpy(dst + 2, a, sizeof(float) * D);
-        } else {
-          finish_row(a, sc.run_l[r], out + (int64_t(q_start + t.q0 + qi) * p.H + head) * D, D);
-        }
+        finish_row(a, sc.run_l[r], out + (int64_t(q_start + t.q0 + qi) * p.H + hk * G + g) * D, D);
       }
 }
 
@@ -287,20 +299,30 @@ void run(const Problem& p, int batch, const T* q, const T* kc, const T* vc, T* o
   std::vector<std::array<int, 3>> merges;  // (request, first partial slot, count)
   int num_partial = 0;
   int max_rows = p.H;
+  // The splits of a decode query that sees keys [first_key, kv_len).
+  auto splits_of = [&](int kv_len) {
+    const int split = split_keys(kv_len);
+    return (kv_len - 1) / split - first_key(p, kv_len - 1) / split + 1;
+  };
+  int decode_splits = 0;
+  for (int b = 0; b < batch; ++b)
+    if (p.qo_indptr[b + 1] - p.qo_indptr[b] == 1) decode_splits += splits_of(p.kv_lens[b]);
+  // Enough tasks for every thread several times over, as few as that allows (each costs a setup).
+  const int per_task = std::clamp(decode_splits / (4 * nthreads), 1, kMaxSplitsPerTask);
   for (int b = 0; b < batch; ++b) {
     const int qlen = p.qo_indptr[b + 1] - p.qo_indptr[b];
     const int kv_len = p.kv_lens[b];
     if (qlen == 0) continue;
     TORCH_CHECK(kv_len >= qlen, "request ", b, " has ", qlen, " new tokens but only ", kv_len, " keys");
     if (qlen == 1) {
-      const int first = first_key(p, kv_len - 1);  // splits cover only the keys the query sees
-      const int count = (kv_len - 1) / kSplit - first / kSplit + 1;
-      for (int i = 0, lo = first; lo < kv_len; ++i) {
-        const int hi = std::min(kv_len, (lo / kSplit + 1) * kSplit);
-        tasks.push_back({b, 0, p.Hkv, 0, 1, lo, hi, count > 1 ? num_partial + i : -1, int64_t(hi - lo) * p.Hkv});
+      // One task for all of the request's splits merges them itself, as a prefill task does.
+      const int split = split_keys(kv_len), count = splits_of(kv_len), slots = count > per_task ? count : 0;
+      for (int i = 0, lo = first_key(p, kv_len - 1); lo < kv_len; i += per_task) {
+        const int hi = std::min(kv_len, (lo / split + per_task) * split);
+        tasks.push_back({b, 0, p.Hkv, 0, 1, lo, hi, split, slots ? num_partial + i : -1, int64_t(hi - lo) * p.Hkv});
         lo = hi;
       }
-      if (count > 1) {
+      if (slots) {
         merges.push_back({b, num_partial, count});
         num_partial += count;
       }
@@ -308,11 +330,14 @@ void run(const Problem& p, int batch, const T* q, const T* kc, const T* vc, T* o
     }
     const int prefix = kv_len - qlen;
     max_rows = std::max(max_rows, kQBlock * p.G);
+    // Query qi sees prefix + qi + 1 keys: blocks of queries end where the split size changes.
+    const int short_end = std::clamp(kShortContext - prefix, 0, qlen);
     for (int hk = 0; hk < p.Hkv; ++hk)
-      for (int q0 = 0; q0 < qlen; q0 += kQBlock) {
-        const int q1 = std::min(qlen, q0 + kQBlock);
+      for (int q0 = 0; q0 < qlen;) {
+        const int q1 = std::min(q0 < short_end ? short_end : qlen, q0 + kQBlock);
         const int64_t keys = prefix + q1 - first_key(p, prefix + q0);
-        tasks.push_back({b, hk, hk + 1, q0, q1, 0, kv_len, -1, int64_t(q1 - q0) * keys});
+        tasks.push_back({b, hk, hk + 1, q0, q1, 0, kv_len, split_keys(prefix + q0 + 1), -1, int64_t(q1 - q0) * keys});
+        q0 = q1;
       }
   }
   // Longest first, then dynamic hand-out: ragged lengths still finish together.

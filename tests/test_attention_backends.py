@@ -16,7 +16,7 @@ import random
 import pytest
 import torch
 from attention_cases import BATCHES, LAYERS, check_parity, make_case, rel_err, run_backend
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from radixrt import _native
@@ -120,11 +120,14 @@ def _attend(ops, q, k_cache, v_cache, requests, page_size, window_left=-1, simd=
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 1100), st.integers(2, 9), st.integers(0, 4), st.sampled_from([-1, 200]),
        st.sampled_from([torch.float32, torch.bfloat16]), st.booleans(), st.integers(0, 99))  # fmt: skip
+@example(508, 9, 0, -1, torch.bfloat16, True, 0)  # verify rows on both sides of the split size change (512 keys)
+@example(300, 2, 4, -1, torch.bfloat16, True, 1)  # a batch that runs several splits per task, in two tasks
+@example(1000, 3, 4, 200, torch.float32, True, 2)  # long splits, several per task, a sliding window
 def test_native_query_result_depends_on_its_keys_alone(ops, prefix, new, others, window_left, dtype, simd, seed):
     """A query's output is the same to the bit whether it is a decode query alone, one of several new
-    tokens (a speculative verify step), batched with other requests, or run on one thread, on the vector
-    path and the portable one: what lets speculation and --enable-deterministic-inference promise outputs
-    equal to plain decoding."""
+    tokens (a speculative verify step), batched with other requests (whose splits change how a request's
+    splits are grouped into tasks), or run on one thread, on the vector path and the portable one: what
+    lets speculation and --enable-deterministic-inference promise outputs equal to plain decoding."""
     gen = torch.Generator().manual_seed(seed)
     page_size, heads, kv_heads, D = 16, 9, 3, 64
     pages_per_request = -(-(prefix + new) // page_size)
