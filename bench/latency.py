@@ -14,8 +14,10 @@ or an agent loop sees):
   - the bytes of weights a decode step reads, and what that makes in GB/s against the machine's
     read bandwidth, measured in the same run.
 llama.cpp's `llama-bench` (pp512 and tg128, 2 threads) runs on the same GGUF in the same run when it
-is on PATH or given with --llama-bench (docs/benchmarks.md says how to build it). Configurations
-alternate, best of --repeats each: this machine's neighbours come and go. One engine runs at a time,
+is on PATH or given with --llama-bench (docs/benchmarks.md says how to build it), once per round
+between the radixrt configurations. Configurations alternate, best of --repeats each: this machine's
+neighbours come and go (a run that timed llama.cpp only at its end once gave 1.39x for a batch-1
+ratio that runs an hour apart put at 1.63x and 2.00x). One engine runs at a time,
 built afresh each round, as a user runs one (two engines in one process each keep an OpenMP pool,
 and on 2 cores that slows both).
 """
@@ -114,9 +116,9 @@ def measure(engine: Engine, quick: bool) -> dict:
     return out
 
 
-def llama_bench(path: str, gguf: str, repeats: int) -> dict:
+def llama_bench(path: str, gguf: str) -> dict:
     """llama.cpp's own numbers on the same GGUF: prompt processing (pp512) and generation (tg128)."""
-    cmd = [path, "-m", gguf, "-p", "512", "-n", "128", "-t", "2", "-r", str(repeats), "-o", "json"]
+    cmd = [path, "-m", gguf, "-p", "512", "-n", "128", "-t", "2", "-r", "1", "-o", "json"]
     rows = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     result = {"command": " ".join(cmd), "build": rows[0].get("build_commit")}
     for r in rows:
@@ -140,7 +142,10 @@ def main() -> None:
     # pools on 2 cores make libgomp stop spinning between parallel regions (a slower step for both).
     runs: dict[str, list[dict]] = {name: [] for name in names}
     facts: dict[str, dict] = {}
+    peer_runs: list[dict] = []
     for _ in tqdm(range(repeats), desc="rounds"):
+        if args.llama_bench:  # in every round, beside the configurations it is compared with
+            peer_runs.append(llama_bench(args.llama_bench, str(default_gguf_path())))
         for name in names:
             with Engine(**CONFIGS[name]) as engine:
                 runs[name].append(measure(engine, args.quick))
@@ -159,8 +164,9 @@ def main() -> None:
         results[name] = best
         rows.append({"config": name, **{k: v for k, v in best.items() if k != "fused_decoder"}})
     peer = None
-    if args.llama_bench:
-        peer = llama_bench(args.llama_bench, str(default_gguf_path()), repeats)
+    if peer_runs:
+        best = {key: max(r[key] for r in peer_runs) for key in ("pp512", "tg128")}  # best of rounds, as ours
+        peer = {**peer_runs[0], **best, "rounds": len(peer_runs)}
         rows.append({"config": "llama.cpp (llama-bench)", "decode_b1": peer["tg128"], "prefill_512": peer["pp512"]})
     columns = ["config", "dtype", "quantization", "weight_mb", "decode_b1", "decode_b1_gbs", "decode_b8", "decode_b32",
                "prefill_512", "ttft_cached_2000_ms"]  # fmt: skip

@@ -163,7 +163,8 @@ def latency() -> list[str]:
         out += [
             f"Baseline in the same run: llama.cpp's `llama-bench` (build {peer.get('build', '?')}) on the same "
             "GGUF, 2 threads: tg128 (128 generated tokens, batch 1) beside our batch-1 decode, pp512 beside our "
-            "512-token prefill.",
+            "512-token prefill"
+            + (f"; run in each round, best of {peer['rounds']}." if peer.get("rounds") else ", run once."),
             "",
         ]
     else:
