@@ -28,10 +28,11 @@
 //
 // Work is split into tasks, handed out dynamically to torch's intra-op threads:
 //   - decode (one query): one task per run of up to kMaxSplitsPerTask consecutive splits of a
-//     request, over all KV heads, so each key block reads whole contiguous page rows; every split's
-//     result has a slot of its own, and a request's slots are merged in order afterwards
-//     (flash-decoding): one long request keeps every thread busy, and a large batch runs fewer,
-//     longer tasks (which tasks there are never changes a result, only the splits do).
+//     request, over all KV heads, so each key block reads whole contiguous page rows. When a request
+//     spans several tasks, each split's result has a slot of its own and the slots are merged in
+//     order afterwards (flash-decoding), so one long request keeps every thread busy; a task that
+//     holds all of a request's splits merges them itself, in the same order. A large batch runs
+//     fewer, longer tasks: which tasks there are never changes a result, only the splits do.
 //   - prefill: one task per (request, KV head, block of kQBlock queries of one split size), its
 //     splits one by one.
 // Within a task the G = H / H_kv query heads sharing a KV head are processed together, so every
