@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import save, table
+from common import median_interval, save, table
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,13 +87,6 @@ def run_case(checkout: Path, cache_dir: Path | None, case: str) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["ms"]
 
 
-def median_interval(ratios: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
-    """(median, 2.5th and 97.5th percentile of the bootstrap medians)."""
-    medians = np.median(rng.choice(ratios, (4000, len(ratios))), axis=1)
-    low, high = np.percentile(medians, [2.5, 97.5])
-    return float(np.median(ratios)), float(low), float(high)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="HEAD", help="the commit the working tree is compared with")
@@ -124,11 +117,10 @@ def main() -> None:
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base_dir)], cwd=REPO, capture_output=True)
         shutil.rmtree(base_dir, ignore_errors=True)
-    rng = np.random.default_rng(0)
     rows = []
     for case in cases:
         base, tree = np.array(times[case]["base"]), np.array(times[case]["tree"])
-        ratio, low, high = median_interval(tree / base, rng)
+        ratio, low, high = median_interval(tree / base)
         rows.append({"case": case, "rounds": args.rounds, "base_ms": float(np.median(base)),
                      "tree_ms": float(np.median(tree)), "tree_over_base": ratio, "ci95_low": low, "ci95_high": high,
                      "tree_faster_rounds": f"{int((tree < base).sum())}/{args.rounds}"})  # fmt: skip

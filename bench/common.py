@@ -48,3 +48,14 @@ def table(rows: list[dict], columns: list[str]) -> str:
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
     return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def median_interval(ratios, resamples: int = 4000) -> tuple[float, float, float]:
+    """(median of `ratios`, and the 2.5th and 97.5th percentiles of its bootstrap medians): how sure a
+    paired comparison is, round by round, on a machine whose speed wanders (fixed seed: reproducible)."""
+    import numpy as np
+
+    ratios = np.asarray(ratios, dtype=float)
+    medians = np.median(np.random.default_rng(0).choice(ratios, (resamples, len(ratios))), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return float(np.median(ratios)), float(low), float(high)

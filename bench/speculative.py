@@ -38,7 +38,7 @@ import json
 import threading
 import time
 
-from common import save, table
+from common import median_interval, save, table
 from tqdm import tqdm
 
 from radixrt import Engine
@@ -229,7 +229,6 @@ def paired(args) -> None:
     """ngram / off decode tok/s, round by round in ABBA order, per workload and batch (see the docstring)."""
     import numpy as np
 
-    from radixrt import ipc
     from radixrt.config import EngineConfig
     from radixrt.frontend.chat_template import render_chat
     from radixrt.model.loader import load_tokenizer
@@ -240,7 +239,7 @@ def paired(args) -> None:
     workers = {"off": Worker(EngineConfig(**base)),
                "ngram": Worker(EngineConfig(**base, speculative_algorithm="NGRAM"))}  # fmt: skip
     tokenizer = load_tokenizer(workers["off"].model_dir)
-    rows, rng = [], np.random.default_rng(0)
+    rows = []
     for workload in args.workloads.split(","):
         chat, extra = WORKLOADS[workload]
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0, **extra)
@@ -251,15 +250,14 @@ def paired(args) -> None:
             outputs: dict[str, list] = {}
             for r in tqdm(range(args.rounds), desc=f"{workload} batch {batch}"):
                 for name in ("off", "ngram") if r % 2 == 0 else ("ngram", "off"):
-                    tok_s, outputs[name] = _step_through(workers[name], prompts, params, ipc)
+                    tok_s, outputs[name] = _step_through(workers[name], prompts, params)
                     speeds[name].append(tok_s)
             ratios = np.array(speeds["ngram"]) / np.array(speeds["off"])
-            medians = np.median(rng.choice(ratios, (2000, len(ratios))), axis=1)
-            low, high = np.percentile(medians, [2.5, 97.5])
+            ratio, low, high = median_interval(ratios)
             same = sum(a == b for a, b in zip(outputs["off"], outputs["ngram"]))
             rows.append({"workload": workload, "batch": batch, "rounds": args.rounds,
                          "off_tok_s": float(np.median(speeds["off"])), "ngram_tok_s": float(np.median(speeds["ngram"])),
-                         "ratio": float(np.median(ratios)), "ci95_low": float(low), "ci95_high": float(high),
+                         "ratio": ratio, "ci95_low": low, "ci95_high": high,
                          "ratios": [round(float(x), 4) for x in ratios],
                          "identical": f"{same}/{batch}"})  # fmt: skip
             print(f"{workload} batch {batch}: ngram/off {rows[-1]['ratio']:.3f} (95% {low:.3f}-{high:.3f})", flush=True)
@@ -270,9 +268,11 @@ def paired(args) -> None:
     save("speculative_paired", {"args": vars(args), "rows": rows})
 
 
-def _step_through(worker, prompts: list[list[int]], params, ipc) -> tuple[float, list[list[int]]]:
+def _step_through(worker, prompts: list[list[int]], params) -> tuple[float, list[list[int]]]:
     """Run the requests on the worker from an empty cache: (decode tok/s from the moment every request has
     its first token to the last token, as `run` measures it; the outputs)."""
+    from radixrt import ipc
+
     worker.handle(ipc.FlushCacheReq())
     ids = {f"r{i}": [] for i in range(len(prompts))}
     stamps: list[tuple[float, int]] = []  # (when, how many tokens) of each output
